@@ -1,0 +1,63 @@
+"""Attention for Multi-head Latent Attention (torch references).
+
+Two math paths over the same paged latent cache [num_blocks, block_size, kv_lora_rank + rope_dim]:
+- `mla_decode_torch`: the absorbed path. Queries are already in latent space (W_UK folded in), so
+  attention is MQA with a single (latent + rope)-wide key head shared by all query heads; values are
+  the latent part of the same rows; the output stays in latent space (W_UV applied by the caller).
+- `prefill_attention_torch`: the expanded path. Per-head K/V after `kv_b_proj`, varlen, causal.
+Multi-token queries are causal: query j of a sequence with context length S and q_len L sits at
+position S - L + j and sees keys 0 .. S - L + j.
+"""
+import torch
+
+
+def write_kv_torch(kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Scatter (latent, roped k_pe) rows of new tokens into the flat slots of the paged cache."""
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    flat[slot_mapping] = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)
+
+
+def gather_kv_torch(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached rows of one sequence, in order: [length, D]."""
+    bs = kv_cache.shape[1]
+    nblocks = -(-length // bs)
+    return kv_cache[block_table_row[:nblocks].long()].reshape(-1, kv_cache.shape[-1])[:length]
+
+
+def _causal_attend(q, k, v, scale):
+    """q [L, H, Dq], k [S, H or 1, Dq], v [S, H or 1, Dv] -> [L, H, Dv]; queries are the last L."""
+    L, S = q.shape[0], k.shape[0]
+    scores = torch.einsum("lhd,shd->hls", q.float(), k.float().expand(S, q.shape[1], -1)) * scale
+    pos = torch.arange(S - L, S, device=q.device)
+    mask = torch.arange(S, device=q.device)[None, :] > pos[:, None]
+    scores = scores.masked_fill(mask[None], float("-inf"))
+    p = scores.softmax(-1)
+    return torch.einsum("hls,shd->lhd", p, v.float().expand(S, q.shape[1], -1)).to(q.dtype)
+
+
+def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: list[int], query_start_loc: list[int], scale: float,
+                     kv_lora_rank: int) -> torch.Tensor:
+    """q [T, H, Dl + Dr] (absorbed) -> out [T, H, Dl]."""
+    out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
+    for b, s in enumerate(seq_lens):
+        lo, hi = query_start_loc[b], query_start_loc[b + 1]
+        if hi == lo:
+            continue
+        kv = gather_kv_torch(kv_cache, block_table[b], s).to(q.dtype)[:, None, :]
+        out[lo:hi] = _causal_attend(q[lo:hi], kv, kv[..., :kv_lora_rank], scale)
+    return out
+
+
+def prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cu_q: list[int], cu_k: list[int], scale: float) -> torch.Tensor:
+    """Varlen causal attention. q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv];
+    sequence b owns q[cu_q[b]:cu_q[b+1]] and k/v[cu_k[b]:cu_k[b+1]] (its queries are its last keys)."""
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    for b in range(len(cu_q) - 1):
+        qs = slice(cu_q[b], cu_q[b + 1])
+        ks = slice(cu_k[b], cu_k[b + 1])
+        if qs.stop > qs.start:
+            out[qs] = _causal_attend(q[qs], k[ks], v[ks], scale)
+    return out

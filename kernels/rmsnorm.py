@@ -1,0 +1,19 @@
+"""RMSNorm with an optional fused residual add (torch reference)."""
+import torch
+
+
+def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  residual: torch.Tensor | None = None):
+    """y = weight * (x / rms(x)); with `residual`, x is first replaced by x + residual.
+
+    Returns y, or (y, x + residual) when a residual is given, so a decoder layer can carry the
+    running sum without a second pass. Statistics in fp32, cast back before the weight multiply
+    (the order DeepSeek's and transformers' implementations use).
+    """
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * y.to(x.dtype)
+    return y if residual is None else (y, residual)
