@@ -114,6 +114,14 @@ def load_weights(model: DeepseekForCausalLM, model_dir: str, keep_fp8: bool = Fa
         raise CheckpointError(f"checkpoint {model_dir!r} is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
 
 
+def _block(cfg) -> int:
+    if cfg.fp8_block is None:
+        raise CheckpointError("checkpoint holds float8 tensors but config.json has no quantization_config")
+    if cfg.fp8_block[0] != cfg.fp8_block[1]:
+        raise CheckpointError(f"quantization_config.weight_block_size must be square, got {list(cfg.fp8_block)}")
+    return cfg.fp8_block[0]
+
+
 def _scale_of(reader, name):
     sname = name[: -len("weight")] + "weight_scale_inv"
     if not reader.has(sname):
@@ -127,11 +135,12 @@ def _load_dense(model, modules, param, reader, name, keep_fp8):
     owner = modules.get(name.rsplit(".", 1)[0])
     if t.dtype == FP8:
         scale = _scale_of(reader, name)
-        if keep_fp8 and isinstance(owner, Linear):
+        block = _block(model.cfg)
+        if keep_fp8 and isinstance(owner, Linear) and block == 128:  # kernels assume 128x128 blocks
             owner.weight = torch.nn.Parameter(t.to(param.device), requires_grad=False)
             owner.weight_scale_inv = scale.to(param.device)
             return
-        t = dequant_block_fp8(t, scale, dtype=param.dtype)
+        t = dequant_block_fp8(t, scale, block, dtype=param.dtype)
     with torch.no_grad():
         param.copy_(t)
 
@@ -151,7 +160,7 @@ def _load_expert(model, reader, name, match, keep_fp8, loaded):
     want = experts.w2.shape[1:] if proj == "down_proj" else (inter, experts.w13.shape[2])
     _check_shape(name, t.shape, want)
     if t.dtype == FP8:
-        t = dequant_block_fp8(t, _scale_of(reader, name), dtype=experts.w13.dtype)
+        t = dequant_block_fp8(t, _scale_of(reader, name), _block(model.cfg), dtype=experts.w13.dtype)
     with torch.no_grad():
         if proj == "down_proj":
             experts.w2[slot].copy_(t)
