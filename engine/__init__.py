@@ -1,0 +1,7 @@
+"""Stagger's runtime: the public API."""
+from .llm import LLM
+from .llm_engine import LLMEngine
+from .outputs import RequestMetrics, RequestOutput
+from .sampling import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "RequestMetrics", "RequestOutput", "SamplingParams"]

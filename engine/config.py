@@ -1,0 +1,48 @@
+"""Engine options: one dataclass, validated once, so a typo is an error and not a silent default."""
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None        # default: the model's max_position_embeddings
+    kv_block_size: int = 64
+    num_kv_blocks: int | None = None        # default: from memory (see engine.kv_cache)
+    gpu_memory_utilization: float = 0.9     # fraction of free device memory for weights' neighbours: KV
+    cpu_kv_cache_bytes: int = 1 << 30       # KV budget on CPU
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"         # torch | triton | auto
+    moe_backend: str = "auto"               # torch | triton | auto
+    all_to_all_backend: str = "torch"       # torch | deepep
+    scheduler: str = "sbs"                  # sbs | immediate-rr | immediate-lb | adp-balance
+    scheduler_options: dict = field(default_factory=dict)
+    order: str = "fcfs"                     # request order inside a rank
+    seed: int = 0
+    mla_path: str = "auto"                  # auto | absorbed | expanded (testing both MLA paths)
+    step_timeout_s: float = 300.0           # a rank silent this long brings the job down
+
+    @classmethod
+    def from_options(cls, **options) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known options: {sorted(known)}")
+        cfg = cls(**options)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine option {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"engine option num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name, allowed in (("attention_backend", ("auto", "torch", "triton")),
+                              ("moe_backend", ("auto", "torch", "triton")),
+                              ("all_to_all_backend", ("torch", "deepep")),
+                              ("mla_path", ("auto", "absorbed", "expanded"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"engine option {name} must be one of {allowed}, got {getattr(self, name)!r}")

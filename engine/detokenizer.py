@@ -1,0 +1,47 @@
+"""Incremental detokenization and stop conditions for one request."""
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Byte-level tokens can split a UTF-8 character: text is emitted only once the decoded tail no
+    longer ends in U+FFFD. A window of a few earlier tokens is decoded with the new ones so that
+    merges across the boundary (leading spaces, multi-byte characters) come out right."""
+
+    WINDOW = 6
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0   # ids[_prefix:_read] were already emitted
+        self._read = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self._prefix:self._read])
+        after = self.tok.decode(self.ids[self._prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        delta = after[len(before):]
+        self.text += delta
+        self._read = len(self.ids)
+        self._prefix = max(0, self._read - self.WINDOW)
+        return delta
+
+
+def check_stop(token_id: int, text: str, delta_len: int, params, eos_ids, num_outputs: int):
+    """-> (finish_reason or None, text trimmed at a stop string). A stop string is searched only in
+    the region the latest delta could complete, so the check stays linear in the output length."""
+    if not params.ignore_eos and token_id in eos_ids:
+        return "stop", text
+    if token_id in params.stop_token_ids:
+        return "stop", text
+    for s in params.stop:
+        start = max(0, len(text) - delta_len - len(s) + 1)
+        i = text.find(s, start)
+        if i >= 0:
+            return "stop", text[:i]
+    if num_outputs >= params.max_tokens:
+        return "length", text
+    return None, text

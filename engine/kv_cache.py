@@ -1,0 +1,30 @@
+"""The paged latent KV cache tensors: one [num_blocks, block_size, kv_lora_rank + rope_dim] per layer."""
+import torch
+
+
+def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return model_cfg.num_hidden_layers * block_size * model_cfg.kv_cache_dim * elem
+
+
+def plan_num_blocks(model_cfg, cfg, max_model_len: int, dtype, device) -> int:
+    """Blocks per rank: the explicit option, else what memory allows (after the weights are
+    loaded on CUDA; a fixed budget on CPU), never more than max_num_seqs full-length sequences."""
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    per_block = bytes_per_block(model_cfg, cfg.kv_block_size, dtype)
+    useful = cfg.max_num_seqs * -(-max_model_len // cfg.kv_block_size)
+    if torch.device(device).type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1 - cfg.gpu_memory_utilization) * total
+    else:
+        budget = cfg.cpu_kv_cache_bytes
+    n = min(useful, int(budget // per_block))
+    if n < 1:
+        raise RuntimeError(f"no memory left for even one KV block of {per_block} bytes")
+    return n
+
+
+def allocate(model_cfg, num_blocks: int, block_size: int, dtype, device) -> list[torch.Tensor]:
+    return [torch.zeros(num_blocks, block_size, model_cfg.kv_cache_dim, dtype=dtype, device=device)
+            for _ in range(model_cfg.num_hidden_layers)]

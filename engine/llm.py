@@ -1,0 +1,94 @@
+"""The user-facing API: `LLM(model_dir, **options).generate(prompts, sampling_params)`."""
+import torch
+
+from model.config import load_config
+from model.loader import load_model
+from model.tokenizer import load_tokenizer
+from . import kv_cache
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+from .worker import RankWorker
+
+
+def _resolve_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "triton" if device.type == "cuda" else "torch"
+
+
+class LLM:
+    """A DeepSeek-V3/V2 engine over a Hugging Face checkpoint folder.
+
+    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float16" or a torch dtype.
+    options: see engine.config.EngineConfig (an unknown option is an error).
+    """
+
+    def __init__(self, model: str, *, dtype="auto", device=None, **options):
+        self.config = EngineConfig.from_options(**options)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _resolve_dtype(dtype, device)
+        self.model_config = load_config(model)
+        cfg = self.config
+        attn, moe = (_resolve_backend(cfg.attention_backend, device), _resolve_backend(cfg.moe_backend, device))
+        net = load_model(model, dtype=dtype, device=device, keep_fp8=(moe == "triton"))
+        net.set_backend(attention=attn, moe=moe)
+        net.eval()
+        self.tokenizer = load_tokenizer(model)
+        max_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        if max_len > self.model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{self.model_config.max_position_embeddings}")
+        n_blocks = kv_cache.plan_num_blocks(self.model_config, cfg, max_len, dtype, device)
+        caches = kv_cache.allocate(self.model_config, n_blocks, cfg.kv_block_size, dtype, device)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device)
+        self.engine = LLMEngine(worker, self.model_config, cfg, self.tokenizer, max_len, n_blocks)
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts (a str, a list of token ids, or a list of either) to completion.
+
+        A prompt that cannot run (empty, too long, never fits the KV pool) comes back with
+        finish_reason "error: ..." and no tokens; the others are unaffected."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        eng = self.engine
+        ids, failed = [], {}
+        for p, sp in zip(prompts, params):
+            try:
+                ids.append(eng.add_request(p, sp or SamplingParams()))
+            except ValueError as e:
+                rid = f"rejected-{len(failed)}-{len(ids)}"
+                text, tok = (p, []) if isinstance(p, str) else (None, list(p))
+                failed[rid] = RequestOutput(rid, text, tok, finish_reason=f"error: {e}")
+                ids.append(rid)
+        bar = _progress(len(ids) - len(failed)) if use_tqdm else None
+        for out in eng.stream():
+            if bar is not None and out.finished:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [failed.get(i) or eng.outputs.pop(i) for i in ids]
+
+
+def _resolve_dtype(dtype, device):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(names)}")
+    return names[dtype]
+
+
+def _progress(total):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="generate", unit="req")

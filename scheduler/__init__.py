@@ -1,0 +1,5 @@
+"""Pure-Python scheduling core (no torch): request state, KV block accounting, batch formation."""
+from scheduler.request import Request, RequestStatus
+from scheduler.load import RankLoad
+from scheduler.block_manager import BlockManager
+from scheduler.batch import BatchScheduler, ScheduledBatch

@@ -1,0 +1,70 @@
+"""Per-request state. Plain data: the engine and the simulator drive the same objects."""
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()   # queued on a rank (new, or preempted and due for recompute)
+    RUNNING = enum.auto()   # admitted: holds KV blocks and is scheduled every step
+    FINISHED = enum.auto()
+
+
+# eq=False: requests are identities (kept in sets, removed from lists by `is`), never compared by value.
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    arrival_time: float = 0.0
+    priority: int = 0                    # larger = more urgent (request-level ordering)
+    session_id: str | None = None        # for stickiness
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0         # tokens whose KV is in the cache
+    num_cached_tokens: int = 0           # prefix-cache hits found at (last) admission
+    block_table: list[int] = field(default_factory=list)   # physical KV block ids
+    finish_reason: str | None = None     # "stop" | "length" | "abort" | "error: <msg>"
+    # Timings, set by whoever drives the request (engine or simulator), in seconds on one clock.
+    release_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        # Own a list: callers may pass a tuple or a list they keep mutating.
+        self.prompt_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        # Recompute after preemption covers prompt + outputs so far, so the KV cache sees both.
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Tokens whose KV still has to be computed (the last one yields the next sample)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def is_prefill(self) -> bool:
+        # A decode has exactly one token left: the one sampled last step.
+        return self.remaining_tokens > 1
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "
+                f"out={self.num_output_tokens}/{self.max_tokens}, computed={self.num_computed_tokens})")
