@@ -4,7 +4,8 @@ import torch
 from model.config import load_config
 from model.loader import load_model
 from model.tokenizer import load_tokenizer
-from . import kv_cache
+from . import distributed, kv_cache
+from .ep import ExpertPlacement, make_all_to_all
 from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
@@ -26,14 +27,25 @@ class LLM:
     """
 
     def __init__(self, model: str, *, dtype="auto", device=None, **options):
-        self.config = EngineConfig.from_options(**options)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _resolve_dtype(dtype, device)
+        self.config = cfg = EngineConfig.from_options(**options)
         self.model_config = load_config(model)
-        cfg = self.config
+        # Under torchrun every rank is one DP attention unit and holds 1/world of the experts.
+        topo, group, local_experts = distributed.Topology.from_env(), None, None
+        device = distributed.device_for(topo, device)
+        if distributed.under_torchrun():
+            distributed.init(device, cfg.step_timeout_s)
+            group = distributed.DistGroup(topo)
+            placement = ExpertPlacement(self.model_config.n_routed_experts, topo.world_size)
+            local_experts = placement.local_experts(topo.rank)
+        dtype = _resolve_dtype(dtype, device)
         attn, moe = (_resolve_backend(cfg.attention_backend, device), _resolve_backend(cfg.moe_backend, device))
-        net = load_model(model, dtype=dtype, device=device, keep_fp8=(moe == "triton"))
+        net = load_model(model, dtype=dtype, device=device, keep_fp8=(moe == "triton"),
+                         local_experts=local_experts)
         net.set_backend(attention=attn, moe=moe)
+        if group is not None:
+            exchange = make_all_to_all(cfg.all_to_all_backend, placement)
+            for layer in net.moe_layers():
+                layer.ep = exchange
         net.eval()
         self.tokenizer = load_tokenizer(model)
         max_len = cfg.max_model_len or self.model_config.max_position_embeddings
@@ -41,12 +53,14 @@ class LLM:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
                              f"{self.model_config.max_position_embeddings}")
         n_blocks = kv_cache.plan_num_blocks(self.model_config, cfg, max_len, dtype, device)
+        if group is not None:   # every rank sizes the same pool, so request validation agrees
+            n_blocks = group.agree_min(n_blocks)
         caches = kv_cache.allocate(self.model_config, n_blocks, cfg.kv_block_size, dtype, device)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
-        worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device)
-        self.engine = LLMEngine(worker, self.model_config, cfg, self.tokenizer, max_len, n_blocks)
+        worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank)
+        self.engine = LLMEngine(worker, self.model_config, cfg, self.tokenizer, max_len, n_blocks, group)
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = False) -> list[RequestOutput]:
         """Run prompts (a str, a list of token ids, or a list of either) to completion.

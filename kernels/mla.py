@@ -39,15 +39,27 @@ def _causal_attend(q, k, v, scale):
 def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: list[int], query_start_loc: list[int], scale: float,
                      kv_lora_rank: int) -> torch.Tensor:
-    """q [T, H, Dl + Dr] (absorbed) -> out [T, H, Dl]."""
-    out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
-    for b, s in enumerate(seq_lens):
-        lo, hi = query_start_loc[b], query_start_loc[b + 1]
-        if hi == lo:
-            continue
-        kv = gather_kv_torch(kv_cache, block_table[b], s).to(q.dtype)[:, None, :]
-        out[lo:hi] = _causal_attend(q[lo:hi], kv, kv[..., :kv_lora_rank], scale)
-    return out
+    """q [T, H, Dl + Dr] (absorbed) -> out [T, H, Dl].
+
+    Vectorized over the batch: each query token gathers its sequence's block rows (padded to the
+    longest sequence) and masks keys past its own position."""
+    T = q.shape[0]
+    if T == 0:
+        return q.new_empty(0, q.shape[1], kv_lora_rank)
+    dev = q.device
+    counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))], device=dev)
+    seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), counts)
+    lens = torch.tensor(seq_lens, device=dev)
+    starts = torch.tensor(query_start_loc[:-1], device=dev)
+    pos = lens[seq_of] - counts[seq_of] + (torch.arange(T, device=dev) - starts[seq_of])   # [T]
+    bs = kv_cache.shape[1]
+    width = -(-max(seq_lens) // bs)
+    rows = kv_cache[block_table[:, :width].long()].flatten(1, 2)       # [B, width*bs, D]
+    kv = rows[seq_of].to(q.dtype)                                      # [T, S, D]
+    scores = torch.einsum("thd,tsd->ths", q.float(), kv.float()) * scale
+    keep = torch.arange(kv.shape[1], device=dev)[None, :] <= pos[:, None]
+    p = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
+    return torch.einsum("ths,tsl->thl", p, kv[..., :kv_lora_rank].float()).to(q.dtype)
 
 
 def prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -174,11 +174,13 @@ class MLA(nn.Module):
         latent = self.kv_a_layernorm(latent.contiguous())
         k_pe = self.rotary(k_pe, meta.positions)
         ops.write_kv(kv_cache, latent, k_pe, meta.slot_mapping, backend=self.backend)
-        if meta.use_absorbed():
+        if x.shape[0] == 0:   # an idle rank's zero-token step (it still joins the MoE exchange)
+            out = x.new_zeros(0, H, c.v_head_dim)
+        elif meta.use_absorbed():
             out = self._absorbed_attention(q_nope, q_pe, meta, kv_cache)
         else:
             out = self._expanded_attention(q_nope, q_pe, meta, kv_cache)
-        return self.o_proj(out.reshape(out.shape[0], -1))
+        return self.o_proj(out.reshape(out.shape[0], H * c.v_head_dim))
 
     def _expanded_attention(self, q_nope, q_pe, meta, kv_cache):
         """Per-head K/V from kv_b_proj over each sequence's whole context (prefix + new tokens)."""

@@ -1,0 +1,84 @@
+"""torch.distributed plumbing for DP attention + EP experts: topology from torchrun, the object
+channel the coordinator uses each step, and bounded waits.
+
+Gloo on CPU, NCCL on CUDA. Every collective has the process group's timeout, so a rank that dies
+or stalls brings the others down with an error instead of a hang.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls) -> "Topology":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device, timeout_s: float) -> Topology:
+    """Join the torchrun world (idempotent)."""
+    topo = Topology.from_env()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(topo.local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return topo
+
+
+def device_for(topo: Topology, device) -> torch.device:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", topo.local_rank)
+    return device
+
+
+class RankFailure(RuntimeError):
+    pass
+
+
+class DistGroup:
+    """The coordinator's channel to the DP ranks (same calls as engine.group.LocalGroup)."""
+
+    def __init__(self, topo: Topology):
+        self.rank, self.world_size = topo.rank, topo.world_size
+        self.is_coordinator = topo.rank == 0
+
+    def _guard(self, what, fn):
+        try:
+            return fn()
+        except Exception as e:  # gloo/nccl raise RuntimeError on a dead peer or a timeout
+            raise RankFailure(f"rank {self.rank}: {what} failed: another rank died or stopped answering "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+    def gather(self, obj):
+        out = [None] * self.world_size if self.is_coordinator else None
+        self._guard("gather", lambda: dist.gather_object(obj, out, dst=0))
+        return out
+
+    def broadcast(self, obj):
+        box = [obj]
+        self._guard("broadcast", lambda: dist.broadcast_object_list(box, src=0))
+        return box[0]
+
+    def agree_min(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        self._guard("all_reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN))
+        return int(t.item())
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,90 @@
+"""Expert parallelism: which rank holds which expert, and the all-to-all exchange of each MoE layer.
+
+Dispatch sends every (token, choice) to the rank that owns the chosen expert; the owner runs its
+local experts on what it received; combine sends the weighted results back, where each token sums
+its choices. A rank with no tokens still takes part, so the collectives of all ranks match.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class ExpertPlacement:
+    """Logical expert -> owning rank. Contiguous ranges by default; EPLB may replace the map."""
+
+    def __init__(self, num_experts: int, world_size: int, owner: list[int] | None = None):
+        if owner is None:
+            owner = [e * world_size // num_experts for e in range(num_experts)]
+        if len(owner) != num_experts or any(not 0 <= r < world_size for r in owner):
+            raise ValueError(f"expert owner map must give a rank in [0, {world_size}) for each of {num_experts} experts")
+        self.num_experts, self.world_size = num_experts, world_size
+        self.owner = torch.tensor(owner, dtype=torch.int64)
+
+    def local_experts(self, rank: int) -> list[int]:
+        return [e for e, r in enumerate(self.owner.tolist()) if r == rank]
+
+
+@dataclass
+class DispatchHandle:
+    order: torch.Tensor          # sorted position -> flat (token * k + choice) index
+    send_counts: list[int]
+    recv_counts: list[int]
+    num_tokens: int
+    top_k: int
+
+
+class TorchAllToAll:
+    """`all_to_all_single` with uneven splits (gloo and NCCL)."""
+
+    def __init__(self, placement: ExpertPlacement, group=None):
+        self.placement, self.group = placement, group
+
+    def _a2a(self, t: torch.Tensor, recv_counts, send_counts) -> torch.Tensor:
+        out = t.new_empty((sum(recv_counts),) + tuple(t.shape[1:]))
+        src = t
+        if t.dtype == torch.float8_e4m3fn:   # collectives reject float8: move the bytes
+            src, out = t.view(torch.uint8), out.view(torch.uint8)
+        dist.all_to_all_single(out, src.contiguous(), recv_counts, send_counts, group=self.group)
+        return out.view(t.dtype) if t.dtype == torch.float8_e4m3fn else out
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """-> (received tokens [M, H], their global expert ids [M], weights [M], handle)."""
+        T, k = topk_ids.shape
+        owner = self.placement.owner.to(topk_ids.device)
+        dest = owner[topk_ids.reshape(-1)]
+        order = torch.argsort(dest, stable=True)
+        send = torch.bincount(dest, minlength=self.placement.world_size)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        send_counts, recv_counts = send.tolist(), recv.tolist()
+        tokens = x[order // k] if T else x.new_empty(0, x.shape[1])
+        rx = self._a2a(tokens, recv_counts, send_counts)
+        rid = self._a2a(topk_ids.reshape(-1)[order], recv_counts, send_counts)
+        rw = self._a2a(topk_weights.reshape(-1)[order].float(), recv_counts, send_counts)
+        return rx, rid, rw, DispatchHandle(order, send_counts, recv_counts, T, k)
+
+    def combine(self, y: torch.Tensor, h: DispatchHandle) -> torch.Tensor:
+        """Expert outputs (already weighted) back to their tokens, summed over the k choices."""
+        back = self._a2a(y, h.send_counts, h.recv_counts)
+        per_choice = y.new_zeros(h.num_tokens * h.top_k, y.shape[1])
+        per_choice[h.order] = back
+        return per_choice.view(h.num_tokens, h.top_k, y.shape[1]).sum(1)
+
+    def run(self, x, topk_ids, topk_weights, experts):
+        rx, rid, rw, h = self.dispatch(x, topk_ids, topk_weights)
+        y = experts(rx, rid[:, None], rw[:, None])
+        return self.combine(y, h)
+
+
+def make_all_to_all(backend: str, placement: ExpertPlacement, group=None):
+    if backend == "torch":
+        return TorchAllToAll(placement, group)
+    if backend == "deepep":
+        try:
+            import deep_ep  # noqa: F401
+        except ImportError:
+            raise RuntimeError("all_to_all_backend='deepep' needs the deep_ep package (DeepEP), which is "
+                               "not installed here; use all_to_all_backend='torch'") from None
+        raise NotImplementedError("the DeepEP backend is not wired in yet; use all_to_all_backend='torch'")
+    raise ValueError(f"unknown all-to-all backend {backend!r} (expected torch or deepep)")
