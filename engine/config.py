@@ -20,6 +20,8 @@ class EngineConfig:
     order: str = "fcfs"                     # request order inside a rank
     seed: int = 0
     mla_path: str = "auto"                  # auto | absorbed | expanded (testing both MLA paths)
+    num_redundant_experts: int = 0          # EPLB: extra expert slots for copies of hot experts
+    eplb_interval_steps: int = 0            # rebalance experts every N steps (0: only on request)
     step_timeout_s: float = 300.0           # a rank silent this long brings the job down
 
     @classmethod

@@ -9,20 +9,39 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scheduler.eplb import Placement, default_placement
+
 
 class ExpertPlacement:
-    """Logical expert -> owning rank. Contiguous ranges by default; EPLB may replace the map."""
+    """Logical expert -> physical slots (rank * S + slot), from a scheduler.eplb.Placement.
 
-    def __init__(self, num_experts: int, world_size: int, owner: list[int] | None = None):
-        if owner is None:
-            owner = [e * world_size // num_experts for e in range(num_experts)]
-        if len(owner) != num_experts or any(not 0 <= r < world_size for r in owner):
-            raise ValueError(f"expert owner map must give a rank in [0, {world_size}) for each of {num_experts} experts")
-        self.num_experts, self.world_size = num_experts, world_size
-        self.owner = torch.tensor(owner, dtype=torch.int64)
+    A token's choice of logical expert e goes to one of e's replicas, picked by (token + choice)
+    mod the replica count: deterministic, and it spreads a hot expert's tokens over its copies."""
+
+    def __init__(self, placement: Placement, num_experts: int):
+        self.placement, self.num_experts = placement, num_experts
+        self.world_size, self.slots_per_rank = placement.world_size, placement.slots_per_rank
+        reps = placement.replicas(num_experts)
+        if any(not r for r in reps):
+            raise ValueError(f"placement leaves expert(s) {[e for e, r in enumerate(reps) if not r]} without a slot")
+        width = max(len(r) for r in reps)
+        self.replicas = torch.tensor([r + [r[0]] * (width - len(r)) for r in reps], dtype=torch.int64)
+        self.num_replicas = torch.tensor([len(r) for r in reps], dtype=torch.int64)
+
+    @classmethod
+    def default(cls, num_experts: int, world_size: int, num_redundant: int = 0) -> "ExpertPlacement":
+        return cls(default_placement(num_experts, world_size, num_redundant), num_experts)
 
     def local_experts(self, rank: int) -> list[int]:
-        return [e for e, r in enumerate(self.owner.tolist()) if r == rank]
+        """Logical expert of each of this rank's slots, in slot order."""
+        return list(self.placement.slots[rank])
+
+    def physical(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """[T, k] logical ids -> [T, k] physical slot ids."""
+        T, k = topk_ids.shape
+        reps, n = self.replicas.to(topk_ids.device), self.num_replicas.to(topk_ids.device)
+        pick = (torch.arange(T, device=topk_ids.device)[:, None] + torch.arange(k, device=topk_ids.device)) % n[topk_ids]
+        return reps[topk_ids, pick]
 
 
 @dataclass
@@ -49,10 +68,10 @@ class TorchAllToAll:
         return out.view(t.dtype) if t.dtype == torch.float8_e4m3fn else out
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """-> (received tokens [M, H], their global expert ids [M], weights [M], handle)."""
+        """-> (received tokens [M, H], their local slot ids on this rank [M], weights [M], handle)."""
         T, k = topk_ids.shape
-        owner = self.placement.owner.to(topk_ids.device)
-        dest = owner[topk_ids.reshape(-1)]
+        phys = self.placement.physical(topk_ids).reshape(-1)
+        dest = phys // self.placement.slots_per_rank
         order = torch.argsort(dest, stable=True)
         send = torch.bincount(dest, minlength=self.placement.world_size)
         recv = torch.empty_like(send)
@@ -60,7 +79,7 @@ class TorchAllToAll:
         send_counts, recv_counts = send.tolist(), recv.tolist()
         tokens = x[order // k] if T else x.new_empty(0, x.shape[1])
         rx = self._a2a(tokens, recv_counts, send_counts)
-        rid = self._a2a(topk_ids.reshape(-1)[order], recv_counts, send_counts)
+        rid = self._a2a(phys[order] % self.placement.slots_per_rank, recv_counts, send_counts)
         rw = self._a2a(topk_weights.reshape(-1)[order].float(), recv_counts, send_counts)
         return rx, rid, rw, DispatchHandle(order, send_counts, recv_counts, T, k)
 
@@ -73,7 +92,7 @@ class TorchAllToAll:
 
     def run(self, x, topk_ids, topk_weights, experts):
         rx, rid, rw, h = self.dispatch(x, topk_ids, topk_weights)
-        y = experts(rx, rid[:, None], rw[:, None])
+        y = experts.compute(rx, rid[:, None], rw[:, None])
         return self.combine(y, h)
 
 

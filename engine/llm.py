@@ -6,6 +6,7 @@ from model.loader import load_model
 from model.tokenizer import load_tokenizer
 from . import distributed, kv_cache
 from .ep import ExpertPlacement, make_all_to_all
+from .eplb import ExpertBalancer
 from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
@@ -35,17 +36,20 @@ class LLM:
         if distributed.under_torchrun():
             distributed.init(device, cfg.step_timeout_s)
             group = distributed.DistGroup(topo)
-            placement = ExpertPlacement(self.model_config.n_routed_experts, topo.world_size)
+            placement = ExpertPlacement.default(self.model_config.n_routed_experts, topo.world_size,
+                                                cfg.num_redundant_experts)
             local_experts = placement.local_experts(topo.rank)
         dtype = _resolve_dtype(dtype, device)
         attn, moe = (_resolve_backend(cfg.attention_backend, device), _resolve_backend(cfg.moe_backend, device))
+        if local_experts is None and cfg.num_redundant_experts:
+            local_experts = ExpertPlacement.default(self.model_config.n_routed_experts, 1,
+                                                    cfg.num_redundant_experts).local_experts(0)
         net = load_model(model, dtype=dtype, device=device, keep_fp8=(moe == "triton"),
                          local_experts=local_experts)
         net.set_backend(attention=attn, moe=moe)
         if group is not None:
-            exchange = make_all_to_all(cfg.all_to_all_backend, placement)
-            for layer in net.moe_layers():
-                layer.ep = exchange
+            for layer in net.moe_layers():   # one exchange per layer: EPLB places each layer alone
+                layer.ep = make_all_to_all(cfg.all_to_all_backend, placement)
         net.eval()
         self.tokenizer = load_tokenizer(model)
         max_len = cfg.max_model_len or self.model_config.max_position_embeddings
@@ -60,7 +64,13 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank)
+        if net.moe_layers():
+            worker.balancer = ExpertBalancer(net, topo.rank, topo.world_size, cfg.num_redundant_experts)
         self.engine = LLMEngine(worker, self.model_config, cfg, self.tokenizer, max_len, n_blocks, group)
+
+    def rebalance_experts(self) -> None:
+        """Re-place experts by the load seen so far, at the next step boundary (all ranks)."""
+        self.engine.request_rebalance()
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = False) -> list[RequestOutput]:
         """Run prompts (a str, a list of token ids, or a list of either) to completion.

@@ -28,7 +28,7 @@ class StepPlanMsg:
     """Broadcast to every rank at a step boundary."""
     assignments: dict[int, list[RequestSpec]] = field(default_factory=dict)
     aborts: list[str] = field(default_factory=list)
-    stop: bool = False
+    rebalance: bool = False   # re-place experts (EPLB) before this step
 
 
 @dataclass
@@ -58,6 +58,7 @@ class LLMEngine:
         self.unfinished: set[str] = set()
         self._specs: dict[str, RequestSpec] = {}
         self._aborts: list[str] = []
+        self._rebalance = False
         self._ids = itertools.count()
         self.steps: list[StepRecord] = []
 
@@ -109,6 +110,9 @@ class LLMEngine:
         if request_id in self.unfinished:
             self._aborts.append(request_id)
 
+    def request_rebalance(self) -> None:
+        self._rebalance = True
+
     def has_unfinished(self) -> bool:
         return bool(self.unfinished)
 
@@ -122,6 +126,8 @@ class LLMEngine:
             self.worker.add(spec)
         for rid in msg.aborts:
             self.worker.abort(rid)
+        if msg.rebalance:
+            self.worker.rebalance()
         events, stats = self.worker.step()
         gathered = self.group.gather((events, stats))
         changed = self._collect(gathered, msg) if self.group.is_coordinator else None
@@ -136,8 +142,10 @@ class LLMEngine:
     def _plan(self, loads: list[RankLoad]) -> StepPlanMsg:
         now = time.time()
         plan = self.policy.plan(now, loads)
-        msg = StepPlanMsg(aborts=self._aborts)
-        self._aborts = []
+        every = self.cfg.eplb_interval_steps
+        due = bool(every) and len(self.steps) > 0 and len(self.steps) % every == 0
+        msg = StepPlanMsg(aborts=self._aborts, rebalance=self._rebalance or due)
+        self._aborts, self._rebalance = [], False
         for rank, reqs in plan.assignments.items():
             for r in reqs:
                 self.outputs[r.request_id].metrics.release_time = now

@@ -54,6 +54,7 @@ class RankWorker:
         self.runner = ModelRunner(model, kv_caches, cfg.kv_block_size, device, cfg.mla_path)
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
+        self.balancer = None   # engine.eplb.ExpertBalancer, for MoE models
         self.live: dict[str, tuple[Request, SamplingParams, IncrementalDetokenizer | None]] = {}
 
     def add(self, spec: RequestSpec) -> None:
@@ -68,6 +69,9 @@ class RankWorker:
         if request_id in self.live:
             self.scheduler.finish(self.live.pop(request_id)[0], "abort")
             self.sampler.forget(request_id)
+
+    def rebalance(self) -> dict | None:
+        return self.balancer.rebalance() if self.balancer is not None else None
 
     @property
     def has_work(self) -> bool:

@@ -247,25 +247,40 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts this rank holds, stacked: w13 [E_local, 2I, H] (gate rows, then up rows),
-    w2 [E_local, H, I]. `expert_map[g]` is the local slot of global expert g, or -1."""
+    """The routed-expert slots this rank holds, stacked: w13 [S, 2I, H] (gate rows, then up rows),
+    w2 [S, H, I]. `slot_experts[s]` is the logical expert in slot s (EPLB may give a hot expert
+    several slots across ranks); `expert_map[g]` is a local slot of logical expert g, or -1."""
 
     def __init__(self, cfg: ModelConfig, local_experts: list[int]):
         super().__init__()
         n, h, i = len(local_experts), cfg.hidden_size, cfg.moe_intermediate_size
-        self.local_experts = list(local_experts)
+        self.num_experts = cfg.n_routed_experts
         self.w13 = _param(n, 2 * i, h)
         self.w2 = _param(n, h, i)
         self.w13_scale = self.w2_scale = None
-        emap = torch.full((cfg.n_routed_experts,), -1, dtype=torch.int64)
-        emap[torch.tensor(self.local_experts, dtype=torch.int64)] = torch.arange(n)
-        self.register_buffer("expert_map", emap, persistent=False)
+        self.register_buffer("expert_map", torch.full((cfg.n_routed_experts,), -1, dtype=torch.int64),
+                             persistent=False)
+        self.set_slots(local_experts)
         self.backend = "torch"
 
+    def set_slots(self, slot_experts: list[int]) -> None:
+        self.slot_experts = list(slot_experts)
+        emap = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        for slot in reversed(range(len(slot_experts))):
+            emap[slot_experts[slot]] = slot
+        self.expert_map = emap.to(self.expert_map.device)
+
+    @property
+    def local_experts(self) -> list[int]:
+        return sorted(set(self.slot_experts))
+
     def forward(self, x, topk_ids, topk_weights):
-        """topk_ids are GLOBAL ids; choices of experts held elsewhere contribute nothing."""
-        local = self.expert_map[topk_ids]
-        return ops.fused_moe(x, self.w13, self.w2, local, topk_weights, self.w13_scale, self.w2_scale,
+        """topk_ids are LOGICAL ids; choices of experts held elsewhere contribute nothing."""
+        return self.compute(x, self.expert_map[topk_ids], topk_weights)
+
+    def compute(self, x, slot_ids, topk_weights):
+        """slot_ids index this rank's slots (-1: skip)."""
+        return ops.fused_moe(x, self.w13, self.w2, slot_ids, topk_weights, self.w13_scale, self.w2_scale,
                              backend=self.backend)
 
 
@@ -279,9 +294,12 @@ class MoE(nn.Module):
         # Expert parallelism: the engine installs an exchange with
         # run(x, topk_ids, topk_weights, experts) -> routed output for x (dispatch, compute, combine).
         self.ep = None
+        self.expert_load: torch.Tensor | None = None   # set by the engine when EPLB is on
 
     def forward(self, x):
         weights, ids = self.gate(x)
+        if self.expert_load is not None:   # EPLB statistics: tokens routed to each logical expert
+            self.expert_load += torch.bincount(ids.flatten(), minlength=self.expert_load.numel())
         if self.ep is None:
             routed = self.experts(x, ids, weights)
         else:

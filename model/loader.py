@@ -150,10 +150,10 @@ def _load_expert(model, reader, name, match, keep_fp8, loaded):
     if kind != "weight":
         return
     experts = model.model.layers[layer].mlp.experts
-    slot = int(experts.expert_map[expert]) if expert < len(experts.expert_map) else -1
     if expert >= model.cfg.n_routed_experts:
         raise CheckpointError(f"tensor {name!r}: expert {expert} >= n_routed_experts={model.cfg.n_routed_experts}")
-    if slot < 0:
+    slots = [s for s, e in enumerate(experts.slot_experts) if e == expert]
+    if not slots:
         return  # held by another rank: never read
     inter = model.cfg.moe_intermediate_size
     t = reader.get(name)
@@ -162,9 +162,10 @@ def _load_expert(model, reader, name, match, keep_fp8, loaded):
     if t.dtype == FP8:
         t = dequant_block_fp8(t, _scale_of(reader, name), _block(model.cfg), dtype=experts.w13.dtype)
     with torch.no_grad():
-        if proj == "down_proj":
-            experts.w2[slot].copy_(t)
-        else:
-            rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-            experts.w13[slot, rows].copy_(t)
+        for slot in slots:   # a redundant copy fills every slot of the same expert
+            if proj == "down_proj":
+                experts.w2[slot].copy_(t)
+            else:
+                rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+                experts.w13[slot, rows].copy_(t)
     experts.__dict__.setdefault("_loaded", set()).add((expert, proj))

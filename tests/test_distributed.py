@@ -88,3 +88,34 @@ def test_a_dead_rank_fails_the_job_quickly(tmp_path, ckpt):
     log = p.stdout + p.stderr
     assert "RankFailure" in log or "exitcode: 3" in log, log[-3000:]
     assert not os.path.exists(f"{tmp_path}/out.0.json")
+
+
+def test_eplb_rebalance_moves_experts_and_keeps_outputs(tmp_path):
+    """Skew the router towards experts 2 and 3 (both on rank 0 at first); a rebalance with two
+    redundant slots must copy them to both ranks, even out the load, and change no token."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "skew"
+    make_hf_checkpoint(d, {"n_routed_experts": 8, "n_group": 4})
+    sd = load_file(str(d / "model.safetensors"))
+    for k in sd:
+        if k.endswith("e_score_correction_bias"):
+            sd[k] = torch.tensor([0, 0, 3.0, 3.0, 0, 0, 0, 0])
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        ref = [hf.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": 6, "options": dict(
+        scheduler="immediate-rr", kv_block_size=16, num_kv_blocks=32, num_redundant_experts=2,
+        eplb_interval_steps=3)}))
+    p, _ = torchrun(["generate", str(d), str(spec), str(tmp_path / "out")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = load(tmp_path / "out")
+    assert r0["tokens"] == ref and r1["tokens"] == ref
+    assert len(r0["eplb"]) >= 1 and r0["eplb"] == r1["eplb"]
+    first = r0["eplb"][0]
+    assert first["imbalance_before"] > 1.3 and first["imbalance_after"] < 1.1
+    assert {2, 3} <= set(r0["slots"]) and {2, 3} <= set(r1["slots"])   # hot experts copied to both ranks
+    assert set(r0["slots"]) | set(r1["slots"]) == set(range(8))         # and nothing lost
