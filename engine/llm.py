@@ -8,6 +8,7 @@ from . import distributed, kv_cache
 from .ep import ExpertPlacement, make_all_to_all
 from .eplb import ExpertBalancer
 from .config import EngineConfig
+from .coordinator import Coordinator
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling import SamplingParams
@@ -66,7 +67,8 @@ class LLM:
         worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank)
         if net.moe_layers():
             worker.balancer = ExpertBalancer(net, topo.rank, topo.world_size, cfg.num_redundant_experts)
-        self.engine = LLMEngine(worker, self.model_config, cfg, self.tokenizer, max_len, n_blocks, group)
+        coordinator = Coordinator(self.model_config, cfg, self.tokenizer, max_len, n_blocks, topo.world_size)
+        self.engine = LLMEngine(worker, coordinator, group)
 
     def rebalance_experts(self) -> None:
         """Re-place experts by the load seen so far, at the next step boundary (all ranks)."""

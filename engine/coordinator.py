@@ -1,0 +1,194 @@
+"""The coordinator: owns the global scheduler, the request registry and the outputs.
+
+It plans each step of an instance from that instance's gathered load reports and takes back what
+the step produced. With one instance it lives in the instance's leader process; with several it
+sits behind engine.instances' server thread and serves every instance's leader.
+"""
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from scheduler.load import RankLoad
+from scheduler.policy import make_global_scheduler
+from scheduler.request import Request
+from .outputs import RequestMetrics, RequestOutput
+from .sampling import SamplingParams
+from .worker import RequestSpec, StepStats, TokenEvent
+
+
+@dataclass
+class StepPlanMsg:
+    """Broadcast to every rank of an instance at a step boundary (keys: global ranks)."""
+    assignments: dict[int, list[RequestSpec]] = field(default_factory=dict)
+    aborts: list[str] = field(default_factory=list)
+    rebalance: bool = False   # re-place experts (EPLB) before this step
+    stop: bool = False        # nothing left to do: leave the step loop
+
+
+@dataclass
+class StepRecord:
+    time: float
+    tokens_per_rank: list[int]
+    step_time_s: float
+    instance: int = 0
+
+    @property
+    def imbalance(self) -> float:
+        mean = sum(self.tokens_per_rank) / len(self.tokens_per_rank)
+        return max(self.tokens_per_rank) / mean if mean else 1.0
+
+    @property
+    def idle_fraction(self) -> float:
+        return sum(1 for t in self.tokens_per_rank if t == 0) / len(self.tokens_per_rank)
+
+
+class Coordinator:
+    def __init__(self, model_cfg, cfg, tokenizer, max_model_len: int, num_kv_blocks: int, num_ranks: int):
+        self.model_cfg, self.cfg, self.tokenizer = model_cfg, cfg, tokenizer
+        self.max_model_len, self.num_kv_blocks = max_model_len, num_kv_blocks
+        self.policy = make_global_scheduler(cfg.scheduler, num_ranks, **cfg.scheduler_options)
+        self.outputs: dict[str, RequestOutput] = {}
+        self.unfinished: set[str] = set()
+        self.steps: list[StepRecord] = []
+        self.closed = False   # no more requests will come (multi-instance loops may then stop)
+        self._specs: dict[str, RequestSpec] = {}
+        self._where: dict[str, int] = {}      # request id -> rank it was released to
+        self._aborts: list[str] = []
+        self._rebalance = False
+        self._ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("empty prompt: at least one token is needed")
+        if any(not isinstance(t, int) or not 0 <= t < self.model_cfg.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {self.model_cfg.vocab_size})")
+        if n + 1 > self.max_model_len:
+            raise ValueError(f"prompt of {n} tokens leaves no room to generate within the context "
+                             f"length max_model_len={self.max_model_len}")
+        need = -(-(n + 1) // self.cfg.kv_block_size)
+        if need > self.num_kv_blocks:
+            raise ValueError(f"prompt of {n} tokens needs {need} KV blocks, but a rank's pool has only "
+                             f"{self.num_kv_blocks}: it can never fit")
+
+    def encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def add_request(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request (str or token ids). Raises ValueError for a request that cannot run."""
+        params = params or SamplingParams()
+        text, ids = self.encode(prompt)
+        self.validate(ids, params)
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.outputs and not self.outputs[rid].finished:
+            raise ValueError(f"request id {rid!r} is already running")
+        now = time.time() if arrival_time is None else arrival_time
+        self.outputs[rid] = RequestOutput(rid, text, ids, text="" if self.tokenizer else None,
+                                          metrics=RequestMetrics(arrival_time=now))
+        self.unfinished.add(rid)
+        self._specs[rid] = RequestSpec(rid, ids, params, now)
+        self.policy.add_request(Request(rid, ids, params.max_tokens, arrival_time=now,
+                                        priority=params.priority, session_id=params.session_id), now)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self.unfinished:
+            self._aborts.append(request_id)
+
+    def request_rebalance(self) -> None:
+        self._rebalance = True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.unfinished)
+
+    # ---- one instance's step -------------------------------------------------------------------
+    def plan(self, loads: list[RankLoad], ranks: list[int]) -> StepPlanMsg:
+        now = time.time()
+        plan = self.policy.plan(now, loads)
+        every = self.cfg.eplb_interval_steps
+        due = bool(every) and len(self.steps) > 0 and len(self.steps) % every == 0
+        mine = [r for r in self._aborts if self._where.get(r) in ranks or r in self._specs]
+        msg = StepPlanMsg(aborts=mine, rebalance=self._rebalance or due)
+        self._aborts = [r for r in self._aborts if r not in mine]
+        self._rebalance = False
+        for rank, reqs in plan.assignments.items():
+            for r in reqs:
+                m = self.outputs[r.request_id].metrics
+                m.release_time, m.rank = now, rank
+                self._where[r.request_id] = rank
+            msg.assignments[rank] = [self._specs.pop(r.request_id) for r in reqs]
+        msg.stop = self.closed and not self.unfinished
+        return msg
+
+    def collect(self, gathered: list[tuple[list[TokenEvent], StepStats]], msg: StepPlanMsg,
+                ranks: list[int], instance: int = 0) -> list[RequestOutput]:
+        changed = {}
+        for rid in msg.aborts:
+            out = self.outputs[rid]
+            out.finish_reason, out.new_token_ids = "abort", []
+            self.unfinished.discard(rid)
+            changed[rid] = out
+        for events, _ in gathered:
+            for ev in events:
+                out = self.outputs[ev.request_id]
+                if out.finished:
+                    continue
+                if ev.request_id not in changed:
+                    out.new_token_ids = []
+                    changed[ev.request_id] = out
+                self._apply(out, ev)
+        stats = [s for _, s in gathered]
+        step_time = max(s.step_time_s for s in stats)
+        tokens = [s.num_tokens for s in stats]
+        now = time.time()
+        self.steps.append(StepRecord(now, tokens, step_time, instance))
+        self.policy.observe_step(now, step_time, tokens, ranks=ranks)
+        return list(changed.values())
+
+    def _apply(self, out: RequestOutput, ev: TokenEvent) -> None:
+        out.token_ids.append(ev.token_id)
+        out.new_token_ids.append(ev.token_id)
+        m = out.metrics
+        m.token_times.append(ev.time)
+        if m.first_token_time is None:
+            m.first_token_time = ev.time
+        if out.text is not None:
+            out.text += ev.text_delta
+        if ev.finish_reason is not None:
+            out.finish_reason, m.finish_time = ev.finish_reason, ev.time
+            if ev.text is not None:
+                out.text = ev.text
+            self.unfinished.discard(ev.request_id)
+            self._where.pop(ev.request_id, None)
+
+    def fail(self, request_ids, reason: str) -> list[RequestOutput]:
+        """End requests that can no longer finish (their instance died), with the reason."""
+        out = []
+        for rid in request_ids:
+            if rid in self.unfinished:
+                o = self.outputs[rid]
+                o.finish_reason = f"error: {reason}"
+                o.metrics.finish_time = time.time()
+                self.unfinished.discard(rid)
+                out.append(o)
+        return out
+
+    def running_on(self, ranks) -> list[str]:
+        return [rid for rid, r in self._where.items() if r in ranks and rid in self.unfinished]
+
+    def step_metrics(self) -> dict:
+        s = self.steps
+        if not s:
+            return {"steps": 0}
+        return {"steps": len(s), "imbalance_mean": sum(r.imbalance for r in s) / len(s),
+                "idle_fraction": sum(r.idle_fraction for r in s) / len(s),
+                "step_time_mean_s": sum(r.step_time_s for r in s) / len(s)}
