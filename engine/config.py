@@ -22,6 +22,8 @@ class EngineConfig:
     mla_path: str = "auto"                  # auto | absorbed | expanded (testing both MLA paths)
     num_redundant_experts: int = 0          # EPLB: extra expert slots for copies of hot experts
     eplb_interval_steps: int = 0            # rebalance experts every N steps (0: only on request)
+    instances: int = 1                      # lockstep groups the torchrun world splits into
+    scheduler_port: int | None = None       # global scheduler's port (default MASTER_PORT + 1)
     step_timeout_s: float = 300.0           # a rank silent this long brings the job down
 
     @classmethod

@@ -53,6 +53,7 @@ class Coordinator:
         self.closed = False   # no more requests will come (multi-instance loops may then stop)
         self._specs: dict[str, RequestSpec] = {}
         self._where: dict[str, int] = {}      # request id -> rank it was released to
+        self._instance_of: dict[int, int] = {}   # rank -> instance (filled as instances report)
         self._aborts: list[str] = []
         self._rebalance = False
         self._ids = itertools.count()
@@ -93,7 +94,7 @@ class Coordinator:
             raise ValueError(f"request id {rid!r} is already running")
         now = time.time() if arrival_time is None else arrival_time
         self.outputs[rid] = RequestOutput(rid, text, ids, text="" if self.tokenizer else None,
-                                          metrics=RequestMetrics(arrival_time=now))
+                                          metrics=RequestMetrics(arrival_time=now), params=params)
         self.unfinished.add(rid)
         self._specs[rid] = RequestSpec(rid, ids, params, now)
         self.policy.add_request(Request(rid, ids, params.max_tokens, arrival_time=now,
@@ -111,8 +112,10 @@ class Coordinator:
         return bool(self.unfinished)
 
     # ---- one instance's step -------------------------------------------------------------------
-    def plan(self, loads: list[RankLoad], ranks: list[int]) -> StepPlanMsg:
+    def plan(self, loads: list[RankLoad], ranks: list[int], instance: int = 0) -> StepPlanMsg:
         now = time.time()
+        for r in ranks:
+            self._instance_of[r] = instance
         plan = self.policy.plan(now, loads)
         every = self.cfg.eplb_interval_steps
         due = bool(every) and len(self.steps) > 0 and len(self.steps) % every == 0
@@ -182,8 +185,26 @@ class Coordinator:
                 out.append(o)
         return out
 
-    def running_on(self, ranks) -> list[str]:
-        return [rid for rid, r in self._where.items() if r in ranks and rid in self.unfinished]
+    def requeue_instance(self, instance: int) -> list[str]:
+        """Put the unfinished requests of a dead instance back into the buffer; their outputs
+        restart (a request is never lost, nor finished twice)."""
+        ranks = {r for r, i in self._instance_of.items() if i == instance}
+        lost = [rid for rid, r in self._where.items() if r in ranks and rid in self.unfinished]
+        for rid in lost:
+            out = self.outputs[rid]
+            params = out.params
+            out.token_ids, out.new_token_ids = [], []
+            out.text = "" if out.text is not None else None
+            out.metrics.first_token_time, out.metrics.token_times = None, []
+            del self._where[rid]
+            now = time.time()
+            self._specs[rid] = RequestSpec(rid, out.prompt_token_ids, params, out.metrics.arrival_time)
+            self.policy.add_request(Request(rid, out.prompt_token_ids, params.max_tokens,
+                                            arrival_time=out.metrics.arrival_time, priority=params.priority,
+                                            session_id=params.session_id), now)
+        for r in ranks:
+            self.policy.loads.pop(r, None)   # never plan for the dead ranks again
+        return lost
 
     def step_metrics(self) -> dict:
         s = self.steps

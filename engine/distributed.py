@@ -50,12 +50,41 @@ class RankFailure(RuntimeError):
     pass
 
 
-class DistGroup:
-    """The coordinator's channel to the DP ranks (same calls as engine.group.LocalGroup)."""
+def new_group(ranks: list[int]):
+    return dist.new_group(ranks)
 
-    def __init__(self, topo: Topology):
-        self.rank, self.world_size = topo.rank, topo.world_size
-        self.is_coordinator = topo.rank == 0
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def agree_min(value: int) -> int:
+    """The smallest `value` over the whole world (every rank must call this)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def broadcast_from_rank0(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def scheduler_address(port: int | None):
+    """Where the global scheduler of a multi-instance world listens (on the master node)."""
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return (host, port or int(os.environ.get("MASTER_PORT", 29500)) + 1)
+
+
+class DistGroup:
+    """The leader's channel to the DP ranks of one instance (same calls as engine.group.LocalGroup).
+    `pg`: the instance's process group (None: the whole world); `leader`: its first global rank."""
+
+    def __init__(self, topo: Topology, pg=None, leader: int = 0, size: int | None = None):
+        self.rank, self.pg, self.leader = topo.rank, pg, leader
+        self.world_size = size or topo.world_size
+        self.is_coordinator = topo.rank == leader
 
     def _guard(self, what, fn):
         try:
@@ -66,18 +95,13 @@ class DistGroup:
 
     def gather(self, obj):
         out = [None] * self.world_size if self.is_coordinator else None
-        self._guard("gather", lambda: dist.gather_object(obj, out, dst=0))
+        self._guard("gather", lambda: dist.gather_object(obj, out, dst=self.leader, group=self.pg))
         return out
 
     def broadcast(self, obj):
         box = [obj]
-        self._guard("broadcast", lambda: dist.broadcast_object_list(box, src=0))
+        self._guard("broadcast", lambda: dist.broadcast_object_list(box, src=self.leader, group=self.pg))
         return box[0]
-
-    def agree_min(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
-        self._guard("all_reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN))
-        return int(t.item())
 
     def close(self):
         if dist.is_initialized():

@@ -12,8 +12,9 @@ from .ep import ExpertPlacement
 
 
 class ExpertBalancer:
-    def __init__(self, model, rank: int, world_size: int, num_redundant: int, decay: float = 0.5):
-        self.model, self.rank, self.world = model, rank, world_size
+    def __init__(self, model, rank: int, world_size: int, num_redundant: int, decay: float = 0.5, group=None):
+        """rank / world_size: within the instance's EP group `group` (None: the whole world)."""
+        self.model, self.rank, self.world, self.group = model, rank, world_size, group
         self.num_redundant, self.decay = num_redundant, decay
         self.layers = model.moe_layers()
         for layer in self.layers:
@@ -31,7 +32,7 @@ class ExpertBalancer:
         """Tokens per logical expert and layer, summed over ranks."""
         counts = torch.stack([l.expert_load for l in self.layers]).cpu()
         if self.world > 1:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
         return counts.tolist()
 
     def rebalance(self) -> dict:
@@ -83,8 +84,8 @@ class ExpertBalancer:
             send_counts.append(n_send)
         for src in range(self.world):
             recv_counts.append(sum(1 for r, _ in incoming if r == src))
-        recv13 = _exchange(send13, ex.w13, send_counts, recv_counts, self.world)
-        recv2 = _exchange(send2, ex.w2, send_counts, recv_counts, self.world)
+        recv13 = _exchange(send13, ex.w13, send_counts, recv_counts, self.world, self.group)
+        recv2 = _exchange(send2, ex.w2, send_counts, recv_counts, self.world, self.group)
         w13 = torch.empty(len(new.slots[me]), *ex.w13.shape[1:], dtype=ex.w13.dtype, device=ex.w13.device)
         w2 = torch.empty(len(new.slots[me]), *ex.w2.shape[1:], dtype=ex.w2.dtype, device=ex.w2.device)
         # arrivals come grouped by source rank, each group in slot order
@@ -99,10 +100,10 @@ class ExpertBalancer:
         ex.w2 = torch.nn.Parameter(w2, requires_grad=False)
 
 
-def _exchange(rows, like, send_counts, recv_counts, world):
+def _exchange(rows, like, send_counts, recv_counts, world, group):
     send = torch.stack(rows) if rows else like.new_empty(0, *like.shape[1:])
     if world == 1:
         return send
     recv = like.new_empty(sum(recv_counts), *like.shape[1:])
-    dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts)
+    dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts, group=group)
     return recv

@@ -7,6 +7,7 @@ from model.tokenizer import load_tokenizer
 from . import distributed, kv_cache
 from .ep import ExpertPlacement, make_all_to_all
 from .eplb import ExpertBalancer
+from .instances import CoordinatorServer, RemoteCoordinator, instance_ranks
 from .config import EngineConfig
 from .coordinator import Coordinator
 from .llm_engine import LLMEngine
@@ -30,52 +31,76 @@ class LLM:
 
     def __init__(self, model: str, *, dtype="auto", device=None, **options):
         self.config = cfg = EngineConfig.from_options(**options)
-        self.model_config = load_config(model)
-        # Under torchrun every rank is one DP attention unit and holds 1/world of the experts.
-        topo, group, local_experts = distributed.Topology.from_env(), None, None
+        self.model_config = mc = load_config(model)
+        # Under torchrun every rank is one DP attention unit; the world splits into `instances`
+        # lockstep groups, and each group's ranks share its experts (EP inside the group).
+        topo = distributed.Topology.from_env()
         device = distributed.device_for(topo, device)
+        self.topology, self.server = topo, None
+        ranks, inst, pg, group = [0], 0, None, None
         if distributed.under_torchrun():
             distributed.init(device, cfg.step_timeout_s)
-            group = distributed.DistGroup(topo)
-            placement = ExpertPlacement.default(self.model_config.n_routed_experts, topo.world_size,
-                                                cfg.num_redundant_experts)
-            local_experts = placement.local_experts(topo.rank)
+            layout = instance_ranks(topo.world_size, cfg.instances)
+            inst = topo.rank // len(layout[0])
+            ranks = layout[inst]
+            pgs = [distributed.new_group(r) for r in layout]   # every rank creates every group
+            pg = pgs[inst] if cfg.instances > 1 else None
+            group = distributed.DistGroup(topo, pg, leader=ranks[0], size=len(ranks))
+        elif cfg.instances != 1:
+            raise ValueError("instances > 1 needs torchrun (one process per rank)")
+        local_rank, n = topo.rank - ranks[0], len(ranks)
+        placement = ExpertPlacement.default(mc.n_routed_experts, n, cfg.num_redundant_experts) if mc.n_routed_experts else None
         dtype = _resolve_dtype(dtype, device)
         attn, moe = (_resolve_backend(cfg.attention_backend, device), _resolve_backend(cfg.moe_backend, device))
-        if local_experts is None and cfg.num_redundant_experts:
-            local_experts = ExpertPlacement.default(self.model_config.n_routed_experts, 1,
-                                                    cfg.num_redundant_experts).local_experts(0)
         net = load_model(model, dtype=dtype, device=device, keep_fp8=(moe == "triton"),
-                         local_experts=local_experts)
+                         local_experts=placement.local_experts(local_rank) if placement else None)
         net.set_backend(attention=attn, moe=moe)
-        if group is not None:
+        if n > 1:
             for layer in net.moe_layers():   # one exchange per layer: EPLB places each layer alone
-                layer.ep = make_all_to_all(cfg.all_to_all_backend, placement)
+                layer.ep = make_all_to_all(cfg.all_to_all_backend, placement, pg)
         net.eval()
         self.tokenizer = load_tokenizer(model)
-        max_len = cfg.max_model_len or self.model_config.max_position_embeddings
-        if max_len > self.model_config.max_position_embeddings:
+        max_len = cfg.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
-                             f"{self.model_config.max_position_embeddings}")
-        n_blocks = kv_cache.plan_num_blocks(self.model_config, cfg, max_len, dtype, device)
+                             f"{mc.max_position_embeddings}")
+        n_blocks = kv_cache.plan_num_blocks(mc, cfg, max_len, dtype, device)
         if group is not None:   # every rank sizes the same pool, so request validation agrees
-            n_blocks = group.agree_min(n_blocks)
-        caches = kv_cache.allocate(self.model_config, n_blocks, cfg.kv_block_size, dtype, device)
-        eos = set(self.model_config.eos_token_ids)
+            n_blocks = distributed.agree_min(n_blocks)
+        caches = kv_cache.allocate(mc, n_blocks, cfg.kv_block_size, dtype, device)
+        eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank)
         if net.moe_layers():
-            worker.balancer = ExpertBalancer(net, topo.rank, topo.world_size, cfg.num_redundant_experts)
-        coordinator = Coordinator(self.model_config, cfg, self.tokenizer, max_len, n_blocks, topo.world_size)
-        self.engine = LLMEngine(worker, coordinator, group)
+            worker.balancer = ExpertBalancer(net, local_rank, n, cfg.num_redundant_experts, group=pg)
+        make_coord = lambda: Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size)
+        if cfg.instances == 1:
+            coordinator = make_coord()
+        else:
+            if topo.rank == 0:   # the global scheduler: a thread of its own beside instance 0's loop
+                self.server = CoordinatorServer(make_coord(), distributed.scheduler_address(cfg.scheduler_port),
+                                                cfg.instances, cfg.step_timeout_s)
+                self.server.start()
+            distributed.barrier()
+            coordinator = (RemoteCoordinator(distributed.scheduler_address(cfg.scheduler_port), inst,
+                                             cfg.step_timeout_s) if topo.rank == ranks[0] else None)
+        self.engine = LLMEngine(worker, coordinator, group, ranks, inst)
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """The request registry and global scheduler, where this process holds it."""
+        if self.server is not None:
+            return self.server.coordinator
+        return self.engine.coordinator if isinstance(self.engine.coordinator, Coordinator) else None
 
     def rebalance_experts(self) -> None:
         """Re-place experts by the load seen so far, at the next step boundary (all ranks)."""
         self.engine.request_rebalance()
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run prompts (a str, a list of token ids, or a list of either) to completion.
+        """Run prompts (a str, a list of token ids, or a list of either) to completion. Under
+        torchrun every rank calls this with the same arguments and gets the full outputs.
 
         A prompt that cannot run (empty, too long, never fits the KV pool) comes back with
         finish_reason "error: ..." and no tokens; the others are unaffected."""
@@ -84,16 +109,10 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        if self.config.instances > 1:
+            return self._generate_instances(prompts, params)
         eng = self.engine
-        ids, failed = [], {}
-        for p, sp in zip(prompts, params):
-            try:
-                ids.append(eng.add_request(p, sp or SamplingParams()))
-            except ValueError as e:
-                rid = f"rejected-{len(failed)}-{len(ids)}"
-                text, tok = (p, []) if isinstance(p, str) else (None, list(p))
-                failed[rid] = RequestOutput(rid, text, tok, finish_reason=f"error: {e}")
-                ids.append(rid)
+        ids, failed = _submit(eng.coordinator, prompts, params)
         bar = _progress(len(ids) - len(failed)) if use_tqdm else None
         for out in eng.stream():
             if bar is not None and out.finished:
@@ -101,6 +120,45 @@ class LLM:
         if bar is not None:
             bar.close()
         return [failed.get(i) or eng.outputs.pop(i) for i in ids]
+
+    def _generate_instances(self, prompts, params) -> list[RequestOutput]:
+        """Rank 0 hands the requests to the global scheduler; every instance steps until the
+        scheduler says all is done; rank 0's outputs then go to every rank."""
+        results = None
+        if self.server is not None:
+            coord = self.server.coordinator
+            with self.server.lock:
+                coord.closed = False
+                ids, failed = _submit(coord, prompts, params)
+                coord.closed = True
+        distributed.barrier()   # requests are in before any instance can see "nothing left"
+        self.run_until_stopped()
+        if self.server is not None:
+            with self.server.lock:
+                results = [failed.get(i) or coord.outputs.pop(i) for i in ids]
+        return distributed.broadcast_from_rank0(results)
+
+    def run_until_stopped(self) -> None:
+        """Step this rank's instance until the global scheduler stops it (multi-instance mode)."""
+        while True:
+            self.engine.step()
+            if self.server is not None:
+                self.server.check()
+            if self.engine.stopped:
+                return
+
+
+def _submit(coordinator, prompts, params):
+    ids, failed = [], {}
+    for p, sp in zip(prompts, params):
+        try:
+            ids.append(coordinator.add_request(p, sp or SamplingParams()))
+        except ValueError as e:
+            rid = f"rejected-{len(failed)}-{len(ids)}"
+            text, tok = (p, []) if isinstance(p, str) else (None, list(p))
+            failed[rid] = RequestOutput(rid, text, tok, finish_reason=f"error: {e}")
+            ids.append(rid)
+    return ids, failed
 
 
 def _resolve_dtype(dtype, device):

@@ -23,7 +23,7 @@ class LLMEngine:
         self.group = group or LocalGroup()
         self.ranks = ranks or list(range(self.group.world_size))   # global ranks of this instance
         self.instance = instance
-        self._stopped = False
+        self.stopped = False   # the coordinator said there is nothing left (multi-instance)
 
     @property
     def is_leader(self) -> bool:
@@ -39,12 +39,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         if isinstance(self.coordinator, Coordinator):
             return self.coordinator.has_unfinished()
-        return not self._stopped
+        return not self.stopped
 
     def step(self) -> list[RequestOutput]:
         """One lockstep step on every rank of this instance; returns the outputs that changed."""
         loads = self.group.gather(self.worker.load())
-        msg = self.coordinator.plan(loads, self.ranks) if self.is_leader else None
+        msg = self.coordinator.plan(loads, self.ranks, self.instance) if self.is_leader else None
         msg: StepPlanMsg = self.group.broadcast(msg)
         for spec in msg.assignments.get(self.worker.rank, []):
             self.worker.add(spec)
@@ -56,7 +56,7 @@ class LLMEngine:
         gathered = self.group.gather((events, stats))
         changed = self.coordinator.collect(gathered, msg, self.ranks, self.instance) if self.is_leader else None
         changed = self.group.broadcast(changed)
-        self._stopped = msg.stop
+        self.stopped = msg.stop
         if not self.is_leader and isinstance(self.coordinator, Coordinator):
             for out in changed:   # mirror the leader's view, so every rank returns full outputs
                 self.coordinator.outputs[out.request_id] = out

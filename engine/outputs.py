@@ -37,6 +37,7 @@ class RequestOutput:
     finish_reason: str | None = None       # "stop" | "length" | "abort" | "error: ..."
     metrics: RequestMetrics | None = None
     new_token_ids: list[int] = field(default_factory=list)  # tokens added by the latest step
+    params: object = field(default=None, repr=False)        # the request's SamplingParams
 
     @property
     def finished(self) -> bool:

@@ -23,7 +23,7 @@ def generate(model_dir, spec_file, out_prefix):
         worker.step = dying_step
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
     outs = llm.generate(spec["prompts"], params)
-    steps = llm.engine.steps
+    steps = llm.coordinator.steps if llm.coordinator else []
     with open(f"{out_prefix}.{dist.get_rank()}.json", "w") as f:
         json.dump({"tokens": [o.token_ids for o in outs], "ranks": [o.metrics.rank for o in outs],
                    "finish": [o.finish_reason for o in outs],

@@ -60,28 +60,36 @@ def ckpt(tmp_path_factory):
     return str(d), ref
 
 
-@pytest.mark.parametrize("scheduler", ["immediate-rr", "sbs"])
-def test_dp_ep_greedy_equals_reference(tmp_path, ckpt, scheduler):
+@pytest.mark.parametrize("scheduler,instances", [("immediate-rr", 1), ("sbs", 1), ("immediate-rr", 2),
+                                                 ("immediate-lb", 2), ("sbs", 2)])
+def test_dp_ep_greedy_equals_reference(tmp_path, ckpt, scheduler, instances):
+    """instances=1: one DP=EP=2 group; instances=2: two 1-rank instances behind one global scheduler."""
     model, ref = ckpt
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": 6, "options": dict(
-        scheduler=scheduler, kv_block_size=16, num_kv_blocks=32, max_num_batched_tokens=32, max_num_seqs=4)}))
+        scheduler=scheduler, kv_block_size=16, num_kv_blocks=32, max_num_batched_tokens=32, max_num_seqs=4,
+        instances=instances)}))
     p, _ = torchrun(["generate", model, str(spec), str(tmp_path / "out")])
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = load(tmp_path / "out")
     assert r0["tokens"] == ref                 # equal to transformers, token for token
     assert r1["tokens"] == r0["tokens"]        # and the full outputs are on every rank
+    assert r0["finish"] == ["length"] * len(PROMPTS)
+    if instances == 2:
+        assert scheduler == "sbs" or set(r0["ranks"]) == {0, 1}   # immediate spreads over instances
+        return
     assert set(r0["ranks"]) == {0, 1}          # both ranks served requests
     assert r0["uneven_steps"] > 0              # steps where the ranks had different work
     if scheduler == "immediate-rr":
         assert r0["idle_steps"] > 0            # including steps where one rank ran a zero-token forward
 
 
-def test_a_dead_rank_fails_the_job_quickly(tmp_path, ckpt):
+@pytest.mark.parametrize("instances", [1, 2])
+def test_a_dead_rank_fails_the_job_quickly(tmp_path, ckpt, instances):
     model, _ = ckpt
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": 6, "die_at_step": 3, "options": dict(
-        scheduler="immediate-rr", kv_block_size=16, num_kv_blocks=32, step_timeout_s=30)}))
+        scheduler="immediate-rr", kv_block_size=16, num_kv_blocks=32, step_timeout_s=30, instances=instances)}))
     p, wall = torchrun(["generate", model, str(spec), str(tmp_path / "out")], timeout=120)
     assert p.returncode != 0
     assert wall < 90
