@@ -138,6 +138,35 @@ def serve(llm, specs, progress=True) -> Run:
     return Run([eng.outputs[r] for r in ids], eng.steps, t0)
 
 
+def serve_instances(llm, specs) -> Run:
+    """Multi-instance mode: a feeder thread on rank 0 adds each request to the global scheduler at
+    its arrival time; every instance steps until the scheduler says all is done."""
+    import threading
+    from engine import SamplingParams
+    from engine import distributed
+    t0 = distributed.broadcast_from_rank0(time.time())
+    server = llm.server
+    if server is not None:
+        coord = server.coordinator
+        coord.closed = False
+
+        def feed():
+            for k, s in enumerate(specs):
+                time.sleep(max(0.0, t0 + s.arrival_s - time.time()))
+                with server.lock:
+                    coord.add_request(s.prompt_token_ids, SamplingParams(
+                        temperature=0, max_tokens=s.max_tokens, ignore_eos=True, priority=s.priority,
+                        session_id=s.session_id), request_id=f"r{k}", arrival_time=t0 + s.arrival_s)
+            with server.lock:
+                coord.closed = True
+        threading.Thread(target=feed, daemon=True).start()
+    distributed.barrier()
+    llm.run_until_stopped()
+    if server is None:
+        return None
+    return Run([coord.outputs[f"r{k}"] for k in range(len(specs))], coord.steps, t0)
+
+
 def main(argv=None):
     a = parse_args(argv)
     from engine import LLM
@@ -158,9 +187,13 @@ def main(argv=None):
     for name in names:
         llm = LLM(a.model, scheduler=name, scheduler_options=sched_opts.get(name, {}), **engine_opts)
         llm.generate([specs[0].prompt_token_ids[:8]] * 2, None)   # warm-up outside the clock
-        llm.engine.steps.clear()
-        run = serve(llm, specs)
-        results[name], runs[name] = run.summary(), run
+        if llm.coordinator is not None:
+            llm.coordinator.steps.clear()
+        run = serve_instances(llm, specs) if llm.config.instances > 1 else serve(llm, specs)
+        if run is not None:
+            results[name], runs[name] = run.summary(), run
+        if llm.server is not None:
+            llm.server.close()
     if not rank0:
         return results
     print(table(results))
