@@ -23,6 +23,7 @@ class EngineConfig:
     num_redundant_experts: int = 0          # EPLB: extra expert slots for copies of hot experts
     eplb_interval_steps: int = 0            # rebalance experts every N steps (0: only on request)
     instances: int = 1                      # lockstep groups the torchrun world splits into
+    pd: str | None = None                   # "P:D": P prefill + D decode instances (sets instances)
     scheduler_port: int | None = None       # global scheduler's port (default MASTER_PORT + 1)
     step_timeout_s: float = 300.0           # a rank silent this long brings the job down
 
@@ -44,6 +45,13 @@ class EngineConfig:
             raise ValueError(f"engine option num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.pd is not None:
+            try:
+                p, d = (int(x) for x in self.pd.split(":"))
+                assert p >= 1 and d >= 1
+            except (ValueError, AssertionError):
+                raise ValueError(f"engine option pd must look like 'P:D' with P, D >= 1, got {self.pd!r}") from None
+            self.instances = p + d
         for name, allowed in (("attention_backend", ("auto", "torch", "triton")),
                               ("moe_backend", ("auto", "torch", "triton")),
                               ("all_to_all_backend", ("torch", "deepep")),

@@ -4,6 +4,7 @@ It plans each step of an instance from that instance's gathered load reports and
 the step produced. With one instance it lives in the instance's leader process; with several it
 sits behind engine.instances' server thread and serves every instance's leader.
 """
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from scheduler.load import RankLoad
 from scheduler.policy import make_global_scheduler
 from scheduler.request import Request
 from .outputs import RequestMetrics, RequestOutput
+from .pd import Recv, Send
 from .sampling import SamplingParams
 from .worker import RequestSpec, StepStats, TokenEvent
 
@@ -23,6 +25,8 @@ class StepPlanMsg:
     aborts: list[str] = field(default_factory=list)
     rebalance: bool = False   # re-place experts (EPLB) before this step
     stop: bool = False        # nothing left to do: leave the step loop
+    sends: dict[int, list[Send]] = field(default_factory=dict)   # P/D: KV to send, per prefill rank
+    recvs: dict[int, list[Recv]] = field(default_factory=dict)   # P/D: KV to receive, per decode rank
 
 
 @dataclass
@@ -43,10 +47,18 @@ class StepRecord:
 
 
 class Coordinator:
-    def __init__(self, model_cfg, cfg, tokenizer, max_model_len: int, num_kv_blocks: int, num_ranks: int):
+    def __init__(self, model_cfg, cfg, tokenizer, max_model_len: int, num_kv_blocks: int, num_ranks: int,
+                 decode_ranks: int = 0):
+        """decode_ranks > 0: P/D separation; the last `decode_ranks` ranks only decode, behind a
+        second scheduler (role="decode") that places prefilled requests."""
         self.model_cfg, self.cfg, self.tokenizer = model_cfg, cfg, tokenizer
         self.max_model_len, self.num_kv_blocks = max_model_len, num_kv_blocks
-        self.policy = make_global_scheduler(cfg.scheduler, num_ranks, **cfg.scheduler_options)
+        self.prefill_ranks = num_ranks - decode_ranks
+        self.policy = make_global_scheduler(cfg.scheduler, self.prefill_ranks, **cfg.scheduler_options)
+        self.decode_policy = (make_global_scheduler(cfg.scheduler, decode_ranks, role="decode",
+                                                    **cfg.scheduler_options) if decode_ranks else None)
+        self._sends: dict[int, list[Send]] = {}
+        self._tags = itertools.count(1)
         self.outputs: dict[str, RequestOutput] = {}
         self.unfinished: set[str] = set()
         self.steps: list[StepRecord] = []
@@ -116,6 +128,8 @@ class Coordinator:
         now = time.time()
         for r in ranks:
             self._instance_of[r] = instance
+        if ranks[0] >= self.prefill_ranks:
+            return self._plan_decode(now, loads)
         plan = self.policy.plan(now, loads)
         every = self.cfg.eplb_interval_steps
         due = bool(every) and len(self.steps) > 0 and len(self.steps) % every == 0
@@ -129,7 +143,26 @@ class Coordinator:
                 m.release_time, m.rank = now, rank
                 self._where[r.request_id] = rank
             msg.assignments[rank] = [self._specs.pop(r.request_id) for r in reqs]
+        for r in ranks:
+            if self._sends.get(r):
+                msg.sends[r] = self._sends.pop(r)
         msg.stop = self.closed and not self.unfinished
+        return msg
+
+    def _plan_decode(self, now, loads) -> StepPlanMsg:
+        """P/D: place prefilled requests on decode ranks; both ends of each KV move are told."""
+        off = self.prefill_ranks
+        plan = self.decode_policy.plan(now, [dataclasses.replace(ld, rank=ld.rank - off) for ld in loads])
+        msg = StepPlanMsg(stop=self.closed and not self.unfinished)
+        for local, reqs in plan.assignments.items():
+            for r in reqs:
+                rid, dst, tag = r.request_id, local + off, next(self._tags)
+                out = self.outputs[rid]
+                src = self._where[rid]
+                spec = RequestSpec(rid, out.prompt_token_ids, out.params, out.metrics.arrival_time)
+                msg.recvs.setdefault(dst, []).append(Recv(spec, src, tag, r.output_token_ids[0], r.num_prompt_tokens))
+                self._sends.setdefault(src, []).append(Send(rid, dst, tag))
+                self._where[rid] = dst
         return msg
 
     def collect(self, gathered: list[tuple[list[TokenEvent], StepStats]], msg: StepPlanMsg,
@@ -149,12 +182,20 @@ class Coordinator:
                     out.new_token_ids = []
                     changed[ev.request_id] = out
                 self._apply(out, ev)
+                if ev.handoff:   # P/D: prefilled; the decode scheduler places it next
+                    p = out.params
+                    self.decode_policy.add_request(Request(
+                        ev.request_id, out.prompt_token_ids, p.max_tokens, arrival_time=out.metrics.arrival_time,
+                        priority=p.priority, session_id=p.session_id, output_token_ids=[ev.token_id]), time.time())
         stats = [s for _, s in gathered]
         step_time = max(s.step_time_s for s in stats)
         tokens = [s.num_tokens for s in stats]
         now = time.time()
         self.steps.append(StepRecord(now, tokens, step_time, instance))
-        self.policy.observe_step(now, step_time, tokens, ranks=ranks)
+        if ranks[0] >= self.prefill_ranks:
+            self.decode_policy.observe_step(now, step_time, tokens, ranks=[r - self.prefill_ranks for r in ranks])
+        else:
+            self.policy.observe_step(now, step_time, tokens, ranks=ranks)
         return list(changed.values())
 
     def _apply(self, out: RequestOutput, ev: TokenEvent) -> None:

@@ -50,8 +50,12 @@ class CoordinatorServer(threading.Thread):
             while self.conns and not self._stop.is_set():
                 for conn in wait(list(self.conns), timeout=0.5):
                     self._serve(conn)
-        except Exception as e:   # surfaced to the host thread by check()
+        except Exception as e:   # surfaced to the host thread by check(), and logged now
+            import traceback
+            traceback.print_exc()
             self.error = e
+            for conn in list(self.conns):   # the leaders see a closed channel, not silence
+                conn.close()
 
     def _serve(self, conn):
         inst = self.conns[conn]

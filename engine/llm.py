@@ -8,6 +8,7 @@ from . import distributed, kv_cache
 from .ep import ExpertPlacement, make_all_to_all
 from .eplb import ExpertBalancer
 from .instances import CoordinatorServer, RemoteCoordinator, instance_ranks
+from .pd import Transfers
 from .config import EngineConfig
 from .coordinator import Coordinator
 from .llm_engine import LLMEngine
@@ -74,7 +75,13 @@ class LLM:
         worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank)
         if net.moe_layers():
             worker.balancer = ExpertBalancer(net, local_rank, n, cfg.num_redundant_experts, group=pg)
-        make_coord = lambda: Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size)
+        decode_ranks = 0
+        if cfg.pd is not None:   # the first P instances prefill, the other D decode
+            n_prefill = int(cfg.pd.split(":")[0])
+            decode_ranks = topo.world_size - n_prefill * n
+            worker.role = "prefill" if inst < n_prefill else "decode"
+            worker.transfers = Transfers(cfg.step_timeout_s)
+        make_coord = lambda: Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size, decode_ranks)
         if cfg.instances == 1:
             coordinator = make_coord()
         else:

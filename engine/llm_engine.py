@@ -52,6 +52,12 @@ class LLMEngine:
             self.worker.abort(rid)
         if msg.rebalance:
             self.worker.rebalance()
+        if self.worker.transfers is not None:   # P/D: KV moves between prefill and decode ranks
+            for send in msg.sends.get(self.worker.rank, []):
+                self.worker.send_kv(send)
+            for recv in msg.recvs.get(self.worker.rank, []):
+                self.worker.recv_kv(recv)
+            self.worker.transfers.poll(wait=msg.stop)
         events, stats = self.worker.step()
         gathered = self.group.gather((events, stats))
         changed = self.coordinator.collect(gathered, msg, self.ranks, self.instance) if self.is_leader else None

@@ -72,6 +72,13 @@ class Sampler:
         self.default = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
 
+    def skip(self, request_id: str, p: SamplingParams, vocab: int) -> None:
+        """Advance a seeded request's generator past one draw (its first token was sampled on
+        another rank), so its later tokens equal those of an unseparated run."""
+        if p.seed is not None and not p.greedy:
+            gen = self.generators.setdefault(request_id, torch.Generator().manual_seed(p.seed))
+            torch.empty(vocab).exponential_(generator=gen)
+
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 

@@ -11,6 +11,7 @@ import torch
 from scheduler.batch import BatchScheduler
 from scheduler.block_manager import BlockManager
 from scheduler.request import Request
+from . import pd
 from .detokenizer import IncrementalDetokenizer, check_stop
 from .model_runner import ModelRunner
 from .sampling import Sampler, SamplingParams
@@ -33,6 +34,7 @@ class TokenEvent:
     finish_reason: str | None
     time: float
     text: str | None = None   # full (stop-trimmed) text, set when the request finishes
+    handoff: bool = False     # P/D: prefill done here, the request continues on a decode rank
 
 
 @dataclass
@@ -55,6 +57,8 @@ class RankWorker:
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
         self.balancer = None   # engine.eplb.ExpertBalancer, for MoE models
+        self.role = "mixed"    # P/D separation: "prefill" ranks hand requests over after the first token
+        self.transfers = None  # engine.pd.Transfers, in P/D mode
         self.live: dict[str, tuple[Request, SamplingParams, IncrementalDetokenizer | None]] = {}
 
     def add(self, spec: RequestSpec) -> None:
@@ -92,10 +96,52 @@ class RankWorker:
         self.scheduler.update(batch, sampled)
         now = time.time()
         events = [self._finish_token(self.live[rid], tok, now) for rid, tok in sampled.items()]
+        if self.role == "prefill":
+            self._hand_off(events)
         dt = time.perf_counter() - t0
         self.num_preempted += len(batch.preempted)
         self.scheduler.last_step_time_s = dt
         return events, StepStats(self.rank, batch.num_tokens, len(batch.items), dt, len(batch.preempted))
+
+    # ---- P/D separation ----------------------------------------------------------------------
+    def send_kv(self, send) -> None:
+        """Post the KV of a handed-off request to its decode rank; free the blocks once sent."""
+        req = self.live.pop(send.request_id)[0]
+        self.sampler.forget(send.request_id)
+        rows = pd.gather_rows(self.runner.kv_caches, req.block_table, req.num_prompt_tokens)
+        self.transfers.send(rows, send.dst, send.tag, lambda _t: self.scheduler.block_manager.free(req))
+
+    def recv_kv(self, recv) -> None:
+        """Allocate blocks for an incoming request, post the receive; it joins the batch on arrival."""
+        spec = recv.spec
+        req = Request(spec.request_id, spec.prompt_token_ids, spec.params.max_tokens,
+                      arrival_time=spec.arrival_time, priority=spec.params.priority,
+                      session_id=spec.params.session_id)
+        bm = self.scheduler.block_manager
+        if not bm.can_append(req, recv.num_tokens):
+            raise RuntimeError(f"rank {self.rank}: no KV room for transferred request {spec.request_id}")
+        bm.append(req, recv.num_tokens)
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+        if detok:
+            detok.add(recv.first_token)   # its text was already streamed by the prefill rank
+        self.sampler.skip(spec.request_id, spec.params, self.runner.model.cfg.vocab_size)
+
+        def arrived(rows):
+            pd.scatter_rows(self.runner.kv_caches, req.block_table, rows)
+            req.num_computed_tokens = recv.num_tokens
+            req.output_token_ids.append(recv.first_token)
+            self.live[spec.request_id] = (req, spec.params, detok)
+            self.scheduler.adopt(req)
+        c = self.runner.kv_caches[0]
+        shape = (len(self.runner.kv_caches), recv.num_tokens, c.shape[-1])
+        self.transfers.recv(shape, c.dtype, c.device, recv.src, recv.tag, arrived)
+
+    def _hand_off(self, events) -> None:
+        """Prefill role: requests that just got their first token stop here (blocks kept)."""
+        for ev in events:
+            if ev.finish_reason is None:
+                self.scheduler.detach(self.live[ev.request_id][0])
+                ev.handoff = True
 
     def _finish_token(self, entry, token: int, now: float) -> TokenEvent:
         req, params, detok = entry

@@ -148,6 +148,17 @@ class BatchScheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 
+    def detach(self, req: Request) -> None:
+        """P/D separation, prefill side: stop scheduling `req` but keep its KV blocks (they are
+        being sent to a decode rank); release them later with block_manager.free."""
+        self.running.remove(req)
+
+    def adopt(self, req: Request) -> None:
+        """P/D separation, decode side: a request whose KV arrived from a prefill rank joins the
+        running batch (its blocks are already allocated and filled)."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
     def load(self, rank: int = 0) -> RankLoad:
         bm = self.block_manager
         return RankLoad(

@@ -61,14 +61,17 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scheduler,instances", [("immediate-rr", 1), ("sbs", 1), ("immediate-rr", 2),
-                                                 ("immediate-lb", 2), ("sbs", 2)])
+                                                 ("immediate-lb", 2), ("sbs", 2), ("immediate-lb", "pd"),
+                                                 ("sbs", "pd")])
 def test_dp_ep_greedy_equals_reference(tmp_path, ckpt, scheduler, instances):
-    """instances=1: one DP=EP=2 group; instances=2: two 1-rank instances behind one global scheduler."""
+    """1: one DP=EP=2 group; 2: two 1-rank instances behind one global scheduler; pd: one prefill
+    and one decode instance, the latent KV moving between them."""
     model, ref = ckpt
     spec = tmp_path / "spec.json"
+    mode = {"pd": "1:1"} if instances == "pd" else {"instances": instances}
     spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": 6, "options": dict(
         scheduler=scheduler, kv_block_size=16, num_kv_blocks=32, max_num_batched_tokens=32, max_num_seqs=4,
-        instances=instances)}))
+        **mode)}))
     p, _ = torchrun(["generate", model, str(spec), str(tmp_path / "out")])
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = load(tmp_path / "out")
@@ -77,6 +80,9 @@ def test_dp_ep_greedy_equals_reference(tmp_path, ckpt, scheduler, instances):
     assert r0["finish"] == ["length"] * len(PROMPTS)
     if instances == 2:
         assert scheduler == "sbs" or set(r0["ranks"]) == {0, 1}   # immediate spreads over instances
+        return
+    if instances == "pd":
+        assert set(r0["ranks"]) == {0}     # released to the prefill rank; decoded on the other
         return
     assert set(r0["ranks"]) == {0, 1}          # both ranks served requests
     assert r0["uneven_steps"] > 0              # steps where the ranks had different work
