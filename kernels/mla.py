@@ -55,11 +55,12 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     bs = kv_cache.shape[1]
     width = -(-max(seq_lens) // bs)
     rows = kv_cache[block_table[:, :width].long()].flatten(1, 2)       # [B, width*bs, D]
-    kv = rows[seq_of].to(q.dtype)                                      # [T, S, D]
-    scores = torch.einsum("thd,tsd->ths", q.float(), kv.float()) * scale
+    kv = rows if T == len(seq_lens) and counts.eq(1).all() else rows[seq_of]   # [T, S, D]
+    kv = kv.to(q.dtype)
+    scores = torch.matmul(q.float(), kv.float().transpose(1, 2)) * scale      # [T, H, S]
     keep = torch.arange(kv.shape[1], device=dev)[None, :] <= pos[:, None]
     p = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
-    return torch.einsum("ths,tsl->thl", p, kv[..., :kv_lora_rank].float()).to(q.dtype)
+    return torch.matmul(p, kv[..., :kv_lora_rank].float()).to(q.dtype)
 
 
 def prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
