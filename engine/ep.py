@@ -46,15 +46,20 @@ class ExpertPlacement:
 
 @dataclass
 class DispatchHandle:
-    order: torch.Tensor          # sorted position -> flat (token * k + choice) index
+    token: torch.Tensor          # [P] token index of each (token, destination rank) pair, sorted by rank
+    dest: torch.Tensor           # [P] destination rank of each pair
     send_counts: list[int]
     recv_counts: list[int]
     num_tokens: int
-    top_k: int
 
 
 class TorchAllToAll:
-    """`all_to_all_single` with uneven splits (gloo and NCCL)."""
+    """`all_to_all_single` with uneven splits (gloo and NCCL).
+
+    A token travels once to each rank that holds any of its k chosen experts (not once per
+    choice), carrying a [k] row of local slot ids (-1 where the choice lives elsewhere) and
+    weights; the receiver's experts sum that token's local choices, so combine returns one
+    partial sum per (token, rank) pair."""
 
     def __init__(self, placement: ExpertPlacement, group=None):
         self.placement, self.group = placement, group
@@ -68,32 +73,38 @@ class TorchAllToAll:
         return out.view(t.dtype) if t.dtype == torch.float8_e4m3fn else out
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """-> (received tokens [M, H], their local slot ids on this rank [M], weights [M], handle)."""
+        """-> (received tokens [M, H], local slot ids [M, k] (-1: not here), weights [M, k], handle)."""
         T, k = topk_ids.shape
-        phys = self.placement.physical(topk_ids).reshape(-1)
-        dest = phys // self.placement.slots_per_rank
-        order = torch.argsort(dest, stable=True)
-        send = torch.bincount(dest, minlength=self.placement.world_size)
+        W, S = self.placement.world_size, self.placement.slots_per_rank
+        phys = self.placement.physical(topk_ids)                       # [T, k]
+        dest = phys // S
+        hit = torch.zeros(T, W, dtype=torch.bool, device=x.device)
+        hit.scatter_(1, dest, True)
+        token, rank = hit.nonzero(as_tuple=True)                       # pairs, token-major
+        order = torch.argsort(rank, stable=True)
+        token, rank = token[order], rank[order]
+        send = torch.bincount(rank, minlength=W)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         send_counts, recv_counts = send.tolist(), recv.tolist()
-        tokens = x[order // k] if T else x.new_empty(0, x.shape[1])
-        rx = self._a2a(tokens, recv_counts, send_counts)
-        rid = self._a2a(phys[order] % self.placement.slots_per_rank, recv_counts, send_counts)
-        rw = self._a2a(topk_weights.reshape(-1)[order].float(), recv_counts, send_counts)
-        return rx, rid, rw, DispatchHandle(order, send_counts, recv_counts, T, k)
+        mine = dest[token] == rank[:, None]                            # [P, k] choices served there
+        slots = torch.where(mine, phys[token] % S, torch.full_like(phys[token], -1))
+        weights = torch.where(mine, topk_weights[token].float(), torch.zeros_like(topk_weights[token].float()))
+        rx = self._a2a(x[token], recv_counts, send_counts)
+        rid = self._a2a(slots, recv_counts, send_counts)
+        rw = self._a2a(weights, recv_counts, send_counts)
+        return rx, rid, rw, DispatchHandle(token, rank, send_counts, recv_counts, T)
 
     def combine(self, y: torch.Tensor, h: DispatchHandle) -> torch.Tensor:
-        """Expert outputs (already weighted) back to their tokens, summed over the k choices."""
+        """Partial sums (already weighted) back to their tokens, summed over ranks."""
         back = self._a2a(y, h.send_counts, h.recv_counts)
-        per_choice = y.new_zeros(h.num_tokens * h.top_k, y.shape[1])
-        per_choice[h.order] = back
-        return per_choice.view(h.num_tokens, h.top_k, y.shape[1]).sum(1)
+        per_rank = y.new_zeros(h.num_tokens, self.placement.world_size, y.shape[1])
+        per_rank[h.token, h.dest] = back
+        return per_rank.sum(1)
 
     def run(self, x, topk_ids, topk_weights, experts):
         rx, rid, rw, h = self.dispatch(x, topk_ids, topk_weights)
-        y = experts.compute(rx, rid[:, None], rw[:, None])
-        return self.combine(y, h)
+        return self.combine(experts.compute(rx, rid, rw), h)
 
 
 def make_all_to_all(backend: str, placement: ExpertPlacement, group=None):

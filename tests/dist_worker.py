@@ -54,10 +54,11 @@ def a2a(out_prefix):
 
         class Experts:   # expert e multiplies by (e + 1): the combined result is known in closed form
             @staticmethod
-            def compute(rx, slot_ids, rw):
+            def compute(rx, slot_ids, rw):   # [M, k] slots (-1: not here) and weights
                 seen.append(rx.shape[0])
-                logical = torch.tensor(slots)[slot_ids]
-                return rx * (logical.float() + 1) * rw
+                logical = torch.tensor(slots)[slot_ids.clamp(min=0)]
+                scale = torch.where(slot_ids >= 0, (logical.float() + 1) * rw, torch.zeros_like(rw))
+                return rx * scale.sum(1, keepdim=True)
         out = ex.run(x, ids, w, Experts)
         want = (x[:, None, :] * ((ids.float() + 1) * w)[..., None]).sum(1)
         results.append({"T": T, "err": float((out - want).abs().max()) if T else 0.0,
