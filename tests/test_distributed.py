@@ -60,7 +60,8 @@ def ckpt(tmp_path_factory):
     return str(d), ref
 
 
-@pytest.mark.parametrize("scheduler,instances", [("immediate-rr", 1), ("sbs", 1), ("immediate-rr", 2),
+@pytest.mark.parametrize("scheduler,instances", [("immediate-rr", 1), ("immediate-lb", 1), ("sbs", 1),
+                                                 ("adp-balance", 1), ("immediate-rr", 2),
                                                  ("immediate-lb", 2), ("sbs", 2), ("immediate-lb", "pd"),
                                                  ("sbs", "pd")])
 def test_dp_ep_greedy_equals_reference(tmp_path, ckpt, scheduler, instances):
