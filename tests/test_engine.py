@@ -148,3 +148,12 @@ def test_online_add_step_and_stream(tiny):
     assert seen[b] == eng.outputs[b].token_ids and len(seen[b]) == 3
     m = eng.outputs[a].metrics
     assert m.arrival_time <= m.first_token_time <= m.finish_time and m.ttft >= 0
+
+
+def test_triton_backends_generate_the_same_tokens(tiny):
+    """Through the Triton kernels (interpreted on CPU) the engine's greedy tokens equal the torch path."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [42], list(range(100, 120))]
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(tiny, kv_block_size=16).generate(prompts, sp)]
+    tri = LLM(tiny, kv_block_size=16, attention_backend="triton", moe_backend="triton")
+    assert [o.token_ids for o in tri.generate(prompts, sp)] == ref
