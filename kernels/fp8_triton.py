@@ -77,20 +77,24 @@ def per_token_group_quant_fp8_triton(x: torch.Tensor, group: int = 128):
 
 
 @triton.jit
+def block_coords(pid, num_m, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped launch order: GROUP_M row tiles sweep the column tiles together, so a band of the
+    weight matrix stays in L2 while several row tiles reuse it."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                            stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
                            SCALE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped launch order: GROUP_M row tiles sweep the columns together, so a band of W stays
-    # in L2 while it is reused by several row tiles
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = block_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), N, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .configs import bucket, get_config, launch_kwargs
-from .fp8_triton import FP8, FP8_MAX, per_token_group_quant_fp8_triton, round_to_e4m3
+from .fp8_triton import FP8, FP8_MAX, block_coords, per_token_group_quant_fp8_triton, round_to_e4m3
 
 SCALE_BLOCK = 128
 
@@ -67,18 +67,6 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids[:max_padded], expert_ids, total.to(torch.int32)
 
 
-@triton.jit
-def _block_coords(pid, num_m, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped launch order: GROUP_M row blocks sweep the N tiles together (weights from L2)."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    return pid_m, pid_n
-
-
 # ----------------------------------------------------------------------------------------------
 # 2. gate/up GEMM with SiLU-and-mul (and FP8 group quant) in the epilogue
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +79,7 @@ def _moe_gate_up_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr,
                         FP8_MODE: tl.constexpr, SCALE_BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m, pid_n = _block_coords(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
+    pid_m, pid_n = block_coords(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M < tl.load(total_ptr):
         e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -153,7 +141,7 @@ def _moe_down_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, topk_w_ptr,
                      FP8_MODE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m, pid_n = _block_coords(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
+    pid_m, pid_n = block_coords(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M < tl.load(total_ptr):
         e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
