@@ -17,7 +17,8 @@ class EngineConfig:
     all_to_all_backend: str = "torch"       # torch | deepep
     scheduler: str = "sbs"                  # sbs | immediate-rr | immediate-lb | adp-balance
     scheduler_options: dict = field(default_factory=dict)
-    order: str = "fcfs"                     # request order inside a rank
+    order: str = "fcfs"                     # request order inside a rank: fcfs | sjf | priority
+    order_options: dict = field(default_factory=dict)   # e.g. {"aging_rate": 1000.0}
     seed: int = 0
     mla_path: str = "auto"                  # auto | absorbed | expanded (testing both MLA paths)
     num_redundant_experts: int = 0          # EPLB: extra expert slots for copies of hot experts

@@ -10,6 +10,7 @@ import torch
 
 from scheduler.batch import BatchScheduler
 from scheduler.block_manager import BlockManager
+from scheduler.ordering import make_order, prefix_hits
 from scheduler.request import Request
 from . import pd
 from .detokenizer import IncrementalDetokenizer, check_stop
@@ -52,7 +53,7 @@ class RankWorker:
         bm = BlockManager(kv_caches[0].shape[0], cfg.kv_block_size, cfg.enable_prefix_caching)
         self.scheduler = BatchScheduler(bm, max_num_seqs=cfg.max_num_seqs,
                                         max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                        max_model_len=max_model_len, order=_order_key(cfg.order))
+                                        max_model_len=max_model_len, order=_order_key(cfg, bm))
         self.runner = ModelRunner(model, kv_caches, cfg.kv_block_size, device, cfg.mla_path)
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
@@ -160,10 +161,11 @@ class RankWorker:
         return ev
 
 
-def _order_key(order: str):
-    """Request order inside a rank: fcfs, or shortest-prompt-first ("sjf")."""
-    if order == "fcfs":
+def _order_key(cfg, block_manager):
+    """Request order inside a rank: fcfs, sjf (prefix-cache aware) or priority, both with aging."""
+    if cfg.order == "fcfs":
         return "fcfs"
-    if order == "sjf":
-        return lambda r: (r.num_prompt_tokens + r.max_tokens, r.arrival_time)
-    raise ValueError(f"unknown order {order!r} (expected fcfs or sjf)")
+    opts = dict(cfg.order_options)
+    if cfg.order == "sjf":
+        opts.setdefault("cached", prefix_hits(block_manager))   # cached prompt tokens cost nothing
+    return make_order(cfg.order, **opts).as_key()

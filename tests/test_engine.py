@@ -157,3 +157,21 @@ def test_triton_backends_generate_the_same_tokens(tiny):
     ref = [o.token_ids for o in LLM(tiny, kv_block_size=16).generate(prompts, sp)]
     tri = LLM(tiny, kv_block_size=16, attention_backend="triton", moe_backend="triton")
     assert [o.token_ids for o in tri.generate(prompts, sp)] == ref
+
+
+def test_request_order_options(tiny):
+    """sjf / priority orders change who is admitted first on a rank, never the tokens."""
+    sp_long = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    sp_short_urgent = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, priority=5)
+    prompts = [list(range(10, 200)), [7, 8]]
+    outs = {}
+    for order in ("fcfs", "sjf", "priority"):
+        llm = LLM(tiny, kv_block_size=16, max_num_seqs=1, scheduler="immediate-rr", order=order)
+        res = llm.generate(prompts, [sp_long, sp_short_urgent])
+        outs[order] = ([o.token_ids for o in res], [o.metrics.first_token_time for o in res])
+    assert outs["fcfs"][0] == outs["sjf"][0] == outs["priority"][0]
+    assert outs["fcfs"][1][0] < outs["fcfs"][1][1]          # arrival order: the long prompt first
+    assert outs["sjf"][1][1] < outs["sjf"][1][0]            # shortest job first
+    assert outs["priority"][1][1] < outs["priority"][1][0]  # the urgent one first
+    with pytest.raises(ValueError, match="order"):
+        LLM(tiny, order="random")

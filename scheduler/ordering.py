@@ -1,0 +1,174 @@
+"""Request-level ordering: which waiting request is admitted (or released) first.
+
+`make_order(name, **opts)` returns an Order with `key(req, now)` (smaller = served first). The same
+object plugs into the global schedulers (`order=` of sbs / adp-balance) and into the rank-local
+BatchScheduler (`order=`), both of which take a key function of a Request, via `order.as_key()`.
+
+  fcfs      arrival time.
+  sjf       shortest predicted job first: cost = prefill_weight * prompt tokens
+            + decode_weight * predicted output tokens, minus aging_rate * waiting time.
+            Output tokens are predicted by a JobPredictor (per-session history of observed output
+            lengths, capped at max_tokens) when one is given, else max_tokens. With `cached`
+            (e.g. prefix_hits(block_manager) in a rank's queue), prompt tokens already in the prefix
+            cache are not counted: a long multi-turn prompt that is mostly cached is a short job.
+  priority  larger `priority` first; effective priority = priority + aging_rate * waiting time.
+
+Cost model (sjf). Units are token-equivalents: one prefill token = 1. A decode token costs about as
+much compute as a prefill token in the MoE/linear layers, but it is spread over many steps in which
+it shares the batch with other requests, so the queue it blocks is mostly the prefill;
+decode_weight (default 0.25) lets max_tokens break ties between similar prompts without letting a
+large, often loose, max_tokens dominate. decode_weight=0 is Gimbal's "shortest prefill first".
+
+Aging needs no clock at sort time. key(req, now) = c(req) - a * (now - arrival) = c(req) + a * arrival
+- a * now, and the last term is the same for every request compared at one instant, so sorting by
+`as_key()` (key at now = 0) gives exactly the order of key(., now) for every now. Waiting time is
+measured from `arrival_time`.
+
+Wait bound (why nothing starves). Model: one work-conserving server of unit speed, taking one
+request at a time non-preemptively, always the waiting request with the smallest key; request i
+arrives at A_i with base cost c_i in [c_min, c_min + C] (C: the spread of base keys; for priority
+with priorities in [0, P_max], C = P_max; for sjf, C <= prefill_weight * max_model_len +
+decode_weight * max max_tokens) and aging rate a > 0. Static keys k_i = c_i + a * A_i.
+  1. Nothing arriving after A_j + C/a is served before j: such an i has
+     k_i = c_i + a * A_i > c_min + a * A_j + C >= c_j + a * A_j = k_j.
+     (This holds at any load, and also when predictions or cache hits change while j waits, as long
+     as every c stays in the range.)
+  2. Hence, while j waits, the server only runs work that was present at A_j or arrived in
+     (A_j, A_j + C/a]:   W_j <= U(A_j) + Work(A_j, A_j + C/a],   U = unfinished work.
+     Finite for any finite arrival rate; without aging (a = 0) there is no such window and a stream
+     of cheaper jobs that keeps the server busy postpones j for as long as the stream lasts.
+  3. If arrivals obey an arrival curve, Work in any window [s, t] <= sigma + rho * (t - s), with
+     rho < 1 (arrival rate below service rate; sigma: the largest burst), then W_j <= sigma + rho * C/a.
+     Proof: let s <= A_j start the busy period that contains A_j; the server is busy from s until j
+     starts, serving only work that arrived in [s, A_j + C/a] other than j, so
+     start_j - s <= sigma + rho * (A_j + C/a - s), i.e. W_j <= sigma + rho * C/a - (1 - rho)(A_j - s).
+A rank's queue admits several requests per step in key order with head-of-line blocking and SBS's
+buffer releases in key order; both keep property 1, which is what bounds the wait; the numbers in 2
+and 3 are for the server model (there, time = service time of the work).
+"""
+from collections import OrderedDict, deque
+
+from scheduler.block_manager import _ROOT_HASH
+from scheduler.request import Request
+
+
+class JobPredictor:
+    """Predicted output tokens of a request from its client's (session_id's) recent outputs.
+
+    observe(req) on finish; predict(req) = mean of the session's last `window` output lengths, else
+    the mean over all sessions, else max_tokens; always capped at max_tokens (a hard limit)."""
+
+    def __init__(self, window: int = 16, max_sessions: int = 65536):
+        self.window, self.max_sessions = window, max_sessions
+        self._hist: OrderedDict[str, deque] = OrderedDict()   # LRU over sessions: memory stays bounded
+        self._total, self._count = 0, 0
+
+    def observe(self, req: Request) -> None:
+        n = req.num_output_tokens
+        if n <= 0:
+            return
+        self._total, self._count = self._total + n, self._count + 1
+        if req.session_id is None:
+            return
+        h = self._hist.pop(req.session_id, None) or deque(maxlen=self.window)
+        h.append(n)
+        self._hist[req.session_id] = h
+        if len(self._hist) > self.max_sessions:
+            self._hist.popitem(last=False)
+
+    def predict(self, req: Request) -> float:
+        h = self._hist.get(req.session_id) if req.session_id is not None else None
+        if h:
+            guess = sum(h) / len(h)
+        elif self._count:
+            guess = self._total / self._count
+        else:
+            return float(req.max_tokens)
+        return min(float(req.max_tokens), guess)
+
+
+class Order:
+    """key(req, now): smaller first; ties go to the earlier arrival (then sort stability)."""
+    name = "fcfs"
+    aging_rate = 0.0
+
+    def base(self, req: Request) -> float:
+        return 0.0
+
+    def key(self, req: Request, now: float) -> tuple:
+        return (self.base(req) - self.aging_rate * (now - req.arrival_time), req.arrival_time)
+
+    def as_key(self):
+        """A now-free key function with the same order (see the module docstring)."""
+        if self.name == "fcfs":
+            return lambda r: r.arrival_time
+        return lambda r: self.key(r, 0.0)
+
+
+class SJF(Order):
+    name = "sjf"
+
+    def __init__(self, prefill_weight: float = 1.0, decode_weight: float = 0.25, aging_rate: float = 1000.0,
+                 predictor: JobPredictor | None = None, cached=None):
+        if prefill_weight < 0 or decode_weight < 0 or aging_rate < 0:
+            raise ValueError("sjf weights and aging_rate must be >= 0")
+        self.prefill_weight, self.decode_weight = prefill_weight, decode_weight
+        self.aging_rate, self.predictor = aging_rate, predictor
+        self.cached = cached   # req -> prompt tokens expected from the prefix cache (e.g. prefix_hits(bm))
+
+    def predicted_output(self, req: Request) -> float:
+        return self.predictor.predict(req) if self.predictor else float(req.max_tokens)
+
+    def base(self, req: Request) -> float:
+        # Remaining work: a preempted request re-queues with its outputs so far to recompute.
+        left = max(0.0, self.predicted_output(req) - req.num_output_tokens)
+        hit = min(self.cached(req), req.num_tokens - 1) if self.cached else 0
+        return self.prefill_weight * (req.num_tokens - hit) + self.decode_weight * left
+
+
+class Priority(Order):
+    name = "priority"
+
+    def __init__(self, aging_rate: float = 1.0):
+        if aging_rate < 0:
+            raise ValueError("aging_rate must be >= 0")
+        self.aging_rate = aging_rate
+
+    def base(self, req: Request) -> float:
+        return -float(req.priority)
+
+
+def prefix_hits(block_manager):
+    """req -> prompt tokens this block manager holds cached for it right now: the lookup of
+    allocate_prefix, read-only. A multi-turn prompt that is mostly cached is a short job."""
+    bm = block_manager
+
+    def hits(req: Request) -> int:
+        if not bm.enable_prefix_caching:
+            return 0
+        toks, parent, bs = req.all_token_ids, _ROOT_HASH, bm.block_size
+        for i in range((len(toks) - 1) // bs):
+            chunk = tuple(toks[i * bs:(i + 1) * bs])
+            parent = hash((parent, chunk))
+            b = bm.hash_to_block.get(parent)
+            if b is None or bm.blocks[b].token_ids != chunk:
+                return i * bs
+        return (len(toks) - 1) // bs * bs
+    return hits
+
+
+ORDERS = {"fcfs": Order, "sjf": SJF, "priority": Priority}
+
+
+def make_order(name: str, **opts) -> Order:
+    """'fcfs' | 'sjf' (prefill_weight, decode_weight, aging_rate [token-equivalents/s], predictor)
+    | 'priority' (aging_rate [priority units/s])."""
+    if name not in ORDERS:
+        raise ValueError(f"unknown order {name!r}; choose one of {sorted(ORDERS)}")
+    try:
+        return ORDERS[name](**opts)
+    except TypeError as e:
+        raise ValueError(f"bad options for order {name!r}: {e}") from None
+
+
+__all__ = ["JobPredictor", "Order", "SJF", "Priority", "make_order", "prefix_hits"]
