@@ -90,7 +90,7 @@ class Run:
         tokens = sum(len(o.token_ids) for o in done)
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
         return {"ttft_mean_s": mean(ttft), "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-                "tpot_mean_s": mean(tpot), "e2e_mean_s": mean([o.metrics.finish_time - o.metrics.arrival_time for o in done]),
+                "tpot_mean_s": mean(tpot), "e2e_mean_s": mean([o.metrics.e2e for o in done]),
                 "held_mean_s": mean(held), "throughput_tok_s": tokens / (last - first),
                 "prompt_tok_s": sum(len(o.prompt_token_ids) for o in done) / (last - first),
                 "imbalance_mean": mean([s.imbalance for s in self.busy]),

@@ -22,6 +22,11 @@ class RequestMetrics:
         return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
 
     @property
+    def e2e(self) -> float | None:
+        """Arrival to finish."""
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+    @property
     def queue_time(self) -> float | None:
         """Time held in the scheduler's buffer."""
         return None if self.release_time is None else self.release_time - self.arrival_time
