@@ -114,6 +114,18 @@ def load_weights(model: DeepseekForCausalLM, model_dir: str, keep_fp8: bool = Fa
         raise CheckpointError(f"checkpoint {model_dir!r} is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
 
 
+def _make_fp8_slots(experts, block: int) -> None:
+    """Swap a layer's expert slots to fp8 storage with per-slot block scales (once)."""
+    if experts.w13_scale is not None:
+        return
+    n, two_i, h = experts.w13.shape
+    dev = experts.w13.device
+    sc = lambda r, c: torch.ones(n, -(-r // block), -(-c // block), dtype=torch.float32, device=dev)
+    experts.w13 = torch.nn.Parameter(torch.empty(n, two_i, h, dtype=FP8, device=dev), requires_grad=False)
+    experts.w2 = torch.nn.Parameter(torch.empty(n, h, two_i // 2, dtype=FP8, device=dev), requires_grad=False)
+    experts.w13_scale, experts.w2_scale = sc(two_i, h), sc(h, two_i // 2)
+
+
 def _block(cfg) -> int:
     if cfg.fp8_block is None:
         raise CheckpointError("checkpoint holds float8 tensors but config.json has no quantization_config")
@@ -159,13 +171,24 @@ def _load_expert(model, reader, name, match, keep_fp8, loaded):
     t = reader.get(name)
     want = experts.w2.shape[1:] if proj == "down_proj" else (inter, experts.w13.shape[2])
     _check_shape(name, t.shape, want)
+    rows = slice(None) if proj == "down_proj" else (slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter))
     if t.dtype == FP8:
-        t = dequant_block_fp8(t, _scale_of(reader, name), _block(model.cfg), dtype=experts.w13.dtype)
+        scale, block = _scale_of(reader, name), _block(model.cfg)
+        # FP8-resident experts (for the w8a8 fused MoE): gate and up scales stack along rows
+        # only when the intermediate size is a whole number of blocks
+        if keep_fp8 and block == 128 and inter % block == 0:
+            _make_fp8_slots(experts, block)
+            w, ws = (experts.w2, experts.w2_scale) if proj == "down_proj" else (experts.w13, experts.w13_scale)
+            srows = slice(rows.start // block if rows.start else None, rows.stop // block if rows.stop else None)
+            for slot in slots:
+                w[slot, rows] = t.to(w.device)
+                ws[slot, srows] = scale.to(ws.device)
+            experts.__dict__.setdefault("_loaded", set()).add((expert, proj))
+            return
+        t = dequant_block_fp8(t, scale, block, dtype=experts.w13.dtype)
+    if experts.w13_scale is not None:
+        raise CheckpointError(f"tensor {name!r} is not FP8 but other experts of its layer are")
     with torch.no_grad():
         for slot in slots:   # a redundant copy fills every slot of the same expert
-            if proj == "down_proj":
-                experts.w2[slot].copy_(t)
-            else:
-                rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-                experts.w13[slot, rows].copy_(t)
+            (experts.w2 if proj == "down_proj" else experts.w13)[slot, rows].copy_(t)
     experts.__dict__.setdefault("_loaded", set()).add((expert, proj))

@@ -129,3 +129,16 @@ def test_tokenizer_round_trip(tmp_path, kind):
 def test_no_tokenizer_is_none(tmp_path):
     make_checkpoint(str(tmp_path), "tiny-v3", tokenizer="none")
     assert load_tokenizer(str(tmp_path)) is None
+
+
+def test_fp8_resident_experts_match_dequantized(tmp_path):
+    """keep_fp8 keeps 128x128-block experts in FP8 with their scales; the torch path dequantizes
+    on the fly and gives the logits of the dequantized load."""
+    src, q8 = str(tmp_path / "src"), str(tmp_path / "fp8")
+    make_hf_checkpoint(src, {"moe_intermediate_size": 128, "hidden_size": 160})
+    write_checkpoint(q8, _raw(src), fp8=True, fp8_block=128, tensors=_tensors(src))
+    kept, deq = load_model(q8, keep_fp8=True), load_model(q8)
+    ex = kept.model.layers[1].mlp.experts
+    assert ex.w13.dtype == torch.float8_e4m3fn and ex.w13_scale.shape == (8, 2, 2)
+    assert ex.w2.dtype == torch.float8_e4m3fn and ex.w2_scale.shape == (8, 2, 1)
+    assert (forward_logits(kept, SEQS) - forward_logits(deq, SEQS)).abs().max().item() < 1e-4
