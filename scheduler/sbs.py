@@ -1,0 +1,202 @@
+"""Staggered Batch Scheduling (after arXiv 2512.16134, as far as it is public; see FACTS.md).
+
+The queue lives here, not inside the ranks: a request leaves the buffer only for a rank that can
+start it in its very next step (a free sequence slot, token budget left after the rank's own queued
+prefill and decodes, KV blocks for the prompt). Nothing therefore waits unseen behind a running
+batch, and when several instances (lockstep groups) stand behind this buffer, whichever reaches a
+step boundary first takes the buffered work: with their step clocks offset, a free instance comes up
+about every T/M instead of every T.
+
+At a group's step boundary (plan()) the buffer is released when
+  - a rank of the group is idle (it can take a new batch right now), or
+  - the buffered work fills `fill_fraction` of the group's free token budgets, or
+  - the oldest buffered request has waited `hold_steps` measured step times (`hold_s` overrides), or
+  - holding is pointless: at the measured arrival rate, what arrives before that bound would not
+    fill the budgets either (the throughput-adaptive part of the interval: at low load it shrinks
+    to "every boundary", at high load the buffer fills the ranks' budgets by itself).
+Release = water-filling (scheduler/allocation.py): requests in priority order (`order`), each to the
+least-filled rank by a prefill cost model (tokens and attention context, minus estimated
+prefix-cache hits) fitted online from observe_step. Ranks whose KV use is an interquartile-range
+outlier take no new work while others can. `max_wait_s` bounds every hold: a request buffered that
+long moves to the head of the line and no younger request is placed before it, so nothing starves
+(a wait for capacity that no rank has is not a hold: the request goes as soon as a rank can take it).
+
+role="decode" (the decode pool of P/D separation): prefilled requests go, at the pool group's
+boundary, to the rank chosen by the decode rule (IQR KV outliers excluded, then fewest sequences,
+then lowest KV use), among ranks with a slot and KV blocks for the transferred context.
+"""
+from collections import OrderedDict, deque
+
+from scheduler.allocation import StepCostModel, iqr_outliers, rank_slots, water_fill, choose_decode_rank
+from scheduler.load import RankLoad
+from scheduler.policy import GlobalScheduler, StepPlan, order_key
+from scheduler.request import Request
+
+_ROOT = -1
+
+
+class StaggeredBatchScheduler(GlobalScheduler):
+    name = "sbs"
+
+    def __init__(self, num_ranks: int, *, order="fcfs", max_wait_s: float = 2.0, hold_steps: float = 1.0,
+                 hold_s: float | None = None, fill_fraction: float = 0.9, prefix_aware: bool = True,
+                 kv_watermark: float = 0.01, cost_prior=(0.01, 2e-5, 1e-9), rate_window: int = 64,
+                 adaptive: bool = True, role: str = "prefill"):
+        super().__init__(num_ranks, role)
+        if max_wait_s <= 0 or hold_steps < 0 or (hold_s is not None and hold_s < 0):
+            raise ValueError("max_wait_s must be > 0, hold_steps and hold_s >= 0")
+        if not 0 < fill_fraction <= 1:
+            raise ValueError(f"fill_fraction must be in (0, 1], got {fill_fraction}")
+        self.key = order_key(order)
+        self.max_wait_s, self.hold_steps, self.hold_s = max_wait_s, hold_steps, hold_s
+        self.fill_fraction, self.kv_watermark = fill_fraction, kv_watermark
+        self.prefix_aware, self.adaptive = prefix_aware, adaptive
+        self.cost = StepCostModel(prior=cost_prior)
+        self.buffer: list[Request] = []
+        self._since: dict[int, float] = {}                       # id(req) -> time buffered
+        self._arrivals: deque = deque(maxlen=max(2, rate_window))  # (time, tokens)
+        self._chains: dict[int, list[int]] = {}                  # id(req) -> prompt block hashes
+        self._cached: dict[int, OrderedDict] = {}                # rank -> hashes it likely holds
+
+    # ---- interface ---------------------------------------------------------------------------
+    def add_request(self, req: Request, now: float) -> None:
+        self.buffer.append(req)
+        self._since[id(req)] = now
+        self._arrivals.append((now, req.num_tokens))
+
+    def num_pending(self) -> int:
+        return len(self.buffer)
+
+    def observe_step(self, now, step_time_s, per_rank_tokens, *, ranks=None, per_rank_context=None):
+        super().observe_step(now, step_time_s, per_rank_tokens, ranks=ranks, per_rank_context=per_rank_context)
+        if sum(per_rank_tokens) == 0:
+            return
+        ctx = per_rank_context or [0.0] * len(per_rank_tokens)
+        i = max(range(len(per_rank_tokens)), key=lambda i: (self.cost.marginal(per_rank_tokens[i], ctx[i]), -i))
+        self.cost.observe(step_time_s, per_rank_tokens[i], ctx[i])
+
+    def plan(self, now: float, loads: list[RankLoad]) -> StepPlan:
+        self._check_loads(loads)
+        if not self.buffer or not loads:
+            return StepPlan()
+        bs = loads[0].block_size
+        slots = rank_slots(loads, self.cost, self.kv_watermark)
+        for i in iqr_outliers([s.kv_usage for s in slots]):
+            slots[i].excluded = True
+        # Aging: whoever waited max_wait_s goes to the head of the line (oldest first) and is not
+        # bypassed by younger work, so nothing starves behind a stream of better-ranked requests.
+        order = sorted(self.buffer, key=self.key) if self.key else list(self.buffer)
+        aged = sorted((r for r in order if now - self._since[id(r)] >= self.max_wait_s),
+                      key=lambda r: self._since[id(r)])
+        if aged:
+            ids = {id(r) for r in aged}
+            order = aged + [r for r in order if id(r) not in ids]
+        # A prompt no rank could ever hold is handed over at once: the rank rejects it with a reason.
+        most = max(s.total_blocks for s in slots)
+        doomed = [r for r in order if -(-(r.num_tokens + 1) // bs) > most]
+        out: dict[int, list[Request]] = {}
+        if doomed:
+            out[min(slots, key=lambda s: (s.fill, s.rank)).rank] = list(doomed)
+            order = [r for r in order if r not in doomed]
+        if self.role == "decode":
+            fill, _ = self._decode_fill(order, slots, bs, strict=len(aged))
+        elif aged or self._release_now(now, loads, slots):
+            fill, _ = water_fill(order, slots, self.cost, bs, self._hits, strict=len(aged), lpt=True)
+        else:
+            fill = {}
+        for rank, reqs in fill.items():
+            out.setdefault(rank, []).extend(reqs)
+        if not out:
+            return StepPlan()
+        assigned = {id(r) for v in out.values() for r in v}
+        self.buffer = [r for r in self.buffer if id(r) not in assigned]
+        for rank, reqs in out.items():
+            for r in reqs:
+                del self._since[id(r)]
+                if self.prefix_aware and self.role == "prefill":
+                    self._remember(rank, self._chain(r, bs), self.loads[rank])
+                self._chains.pop(id(r), None)
+        return self._hand_over(out)
+
+    # ---- release decision --------------------------------------------------------------------
+    def hold_bound(self, ranks) -> float:
+        if self.hold_s is not None:
+            return min(self.hold_s, self.max_wait_s)
+        t = self.step_time(ranks) or self.cost.predict(0, 0)
+        return min(self.hold_steps * t, self.max_wait_s)
+
+    def arrival_rate_tokens(self) -> float:
+        """Tokens per second over the last `rate_window` arrivals (0 until two have been seen)."""
+        if len(self._arrivals) < 2:
+            return 0.0
+        span = self._arrivals[-1][0] - self._arrivals[0][0]
+        return sum(t for _, t in list(self._arrivals)[1:]) / span if span > 0 else float("inf")
+
+    def _release_now(self, now, loads, slots) -> bool:
+        if any(s.idle for s in slots):
+            return True
+        free = sum(max(0, s.tokens) for s in slots if s.seqs > 0 and not s.excluded)
+        buffered = sum(r.num_tokens for r in self.buffer)
+        target = self.fill_fraction * free
+        if buffered >= target:
+            return True
+        ranks = [ld.rank for ld in loads]
+        left = self.hold_bound(ranks) - (now - min(self._since.values()))
+        if left <= 0:
+            return True
+        # Throughput-adaptive: holding pays only if arrivals (this group's share) fill the budgets in time.
+        if not self.adaptive:
+            return False
+        expected = self.arrival_rate_tokens() * left * len(loads) / self.num_ranks
+        return buffered + expected < target
+
+    # ---- decode placement --------------------------------------------------------------------
+    def _decode_fill(self, order, slots, block_size, strict=0):
+        out, left = {}, []
+        for i, req in enumerate(order):
+            need = -(-(req.num_tokens + 1) // block_size)
+            s = choose_decode_rank(slots, need)
+            if s is None:
+                left.extend(order[i:] if i < strict else [req])
+                if i < strict:
+                    break
+                continue
+            s.seqs -= 1
+            s.running += 1
+            s.blocks -= need
+            s.kv_usage += need / max(1, s.total_blocks)
+            out.setdefault(s.rank, []).append(req)
+        return out, left
+
+    # ---- prefix-cache estimate ---------------------------------------------------------------
+    def _chain(self, req: Request, block_size: int) -> list[int]:
+        chain = self._chains.get(id(req))
+        if chain is None:
+            chain, parent, toks = [], _ROOT, req.prompt_token_ids
+            for i in range((len(toks) - 1) // block_size):
+                parent = hash((parent, tuple(toks[i * block_size:(i + 1) * block_size])))
+                chain.append(parent)
+            self._chains[id(req)] = chain
+        return chain
+
+    def _hits(self, req: Request, rank: int) -> int:
+        """Prompt tokens `rank` likely has cached: the head of req's block-hash chain among the
+        prefixes this scheduler sent there (an estimate; the rank's own cache decides)."""
+        seen = self._cached.get(rank)
+        if not self.prefix_aware or not seen:
+            return 0
+        ld = self.loads[rank]
+        n = 0
+        for h in self._chain(req, ld.block_size):
+            if h not in seen:
+                break
+            n += 1
+        return n * ld.block_size
+
+    def _remember(self, rank: int, chain: list[int], ld: RankLoad) -> None:
+        seen = self._cached.setdefault(rank, OrderedDict())
+        for h in chain:
+            seen[h] = None
+            seen.move_to_end(h)
+        while len(seen) > ld.total_kv_blocks:
+            seen.popitem(last=False)
