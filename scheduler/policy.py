@@ -18,22 +18,17 @@ from dataclasses import dataclass, field
 
 from scheduler.allocation import RankSlot, rank_slots, water_fill, choose_decode_rank, StepCostModel
 from scheduler.load import RankLoad
+from scheduler.ordering import make_order
 from scheduler.request import Request
 
-ORDERS = {
-    "fcfs": None,                                                   # buffer (arrival) order
-    "priority": lambda r: (-r.priority, r.arrival_time),
-    "sjf": lambda r: (r.num_tokens, r.arrival_time),                # shortest prompt first
-}
-
-
 def order_key(order):
-    """'fcfs' | 'priority' | 'sjf' | a key function -> key function or None (keep buffer order)."""
+    """'fcfs' | 'priority' | 'sjf' (scheduler/ordering.py, with aging) | a key function -> key
+    function, or None for 'fcfs' (keep buffer order)."""
     if callable(order):
         return order
-    if order not in ORDERS:
-        raise ValueError(f"unknown order {order!r}; choose one of {sorted(ORDERS)} or pass a key function")
-    return ORDERS[order]
+    if order == "fcfs":
+        return None
+    return make_order(order).as_key()
 
 
 @dataclass
