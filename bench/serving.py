@@ -162,6 +162,7 @@ def serve_instances(llm, specs) -> Run:
         threading.Thread(target=feed, daemon=True).start()
     distributed.barrier()
     llm.run_until_stopped()
+    distributed.barrier()   # every instance has reported its last step before anyone moves on
     if server is None:
         return None
     return Run([coord.outputs[f"r{k}"] for k in range(len(specs))], coord.steps, t0)
