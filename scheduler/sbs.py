@@ -38,7 +38,7 @@ _ROOT = -1
 class StaggeredBatchScheduler(GlobalScheduler):
     name = "sbs"
 
-    def __init__(self, num_ranks: int, *, order="fcfs", max_wait_s: float = 2.0, hold_steps: float = 1.0,
+    def __init__(self, num_ranks: int, *, order="fcfs", max_wait_s: float = 2.0, hold_steps: float = 0.0,
                  hold_s: float | None = None, fill_fraction: float = 0.9, prefix_aware: bool = True,
                  kv_watermark: float = 0.01, cost_prior=(0.01, 2e-5, 1e-9), rate_window: int = 64,
                  adaptive: bool = True, role: str = "prefill"):
