@@ -21,8 +21,10 @@ install: $(STAMP)
 $(TINY)/config.json: $(STAMP)
 	$(VPY) -m launch.make_checkpoint $(TINY) --preset tiny-v3
 
+# the demo on 2 data-parallel ranks with expert parallelism (torchrun, gloo on CPU)
 run: $(TINY)/config.json
-	$(VPY) -m launch.demo --model $(TINY)
+	OMP_NUM_THREADS=1 $(VPY) -m torch.distributed.run --nproc-per-node 2 --master-port 29511 \
+		-m launch.demo --model $(TINY)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
