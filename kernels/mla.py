@@ -38,7 +38,7 @@ def _causal_attend(q, k, v, scale):
 
 def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: list[int], query_start_loc: list[int], scale: float,
-                     kv_lora_rank: int) -> torch.Tensor:
+                     kv_lora_rank: int, cache: dict | None = None) -> torch.Tensor:
     """q [T, H, Dl + Dr] (absorbed) -> out [T, H, Dl].
 
     Vectorized over the batch: each query token gathers its sequence's block rows (padded to the
@@ -47,15 +47,22 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     if T == 0:
         return q.new_empty(0, q.shape[1], kv_lora_rank)
     dev = q.device
-    counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))], device=dev)
-    seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), counts)
-    lens = torch.tensor(seq_lens, device=dev)
-    starts = torch.tensor(query_start_loc[:-1], device=dev)
-    pos = lens[seq_of] - counts[seq_of] + (torch.arange(T, device=dev) - starts[seq_of])   # [T]
+    key = ("mla_decode_index", dev)
+    if cache is not None and key in cache:
+        seq_of, pos, single = cache[key]
+    else:
+        counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))], device=dev)
+        seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), counts)
+        lens = torch.tensor(seq_lens, device=dev)
+        starts = torch.tensor(query_start_loc[:-1], device=dev)
+        pos = lens[seq_of] - counts[seq_of] + (torch.arange(T, device=dev) - starts[seq_of])   # [T]
+        single = T == len(seq_lens) and bool(counts.eq(1).all())
+        if cache is not None:   # the same for every layer of a step
+            cache[key] = (seq_of, pos, single)
     bs = kv_cache.shape[1]
     width = -(-max(seq_lens) // bs)
     rows = kv_cache[block_table[:, :width].long()].flatten(1, 2)       # [B, width*bs, D]
-    kv = rows if T == len(seq_lens) and counts.eq(1).all() else rows[seq_of]   # [T, S, D]
+    kv = rows if single else rows[seq_of]   # [T, S, D]
     kv = kv.to(q.dtype)
     scores = torch.matmul(q.float(), kv.float().transpose(1, 2)) * scale      # [T, H, S]
     keep = torch.arange(kv.shape[1], device=dev)[None, :] <= pos[:, None]

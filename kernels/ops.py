@@ -70,13 +70,14 @@ def gather_kv(kv_cache, block_table_row, length):
 
 
 def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank,
-               backend="torch"):
-    """Absorbed MLA over the paged latent cache; seq_lens / query_start_loc are python int lists."""
+               backend="torch", cache=None):
+    """Absorbed MLA over the paged latent cache; seq_lens / query_start_loc are python int lists.
+    `cache`: a per-step dict where the torch path keeps index tensors shared by all layers."""
     _check(backend)
     if backend == "triton":
         from .mla_decode_triton import mla_decode_triton
         return mla_decode_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank)
-    return mla.mla_decode_torch(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank)
+    return mla.mla_decode_torch(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank, cache)
 
 
 def prefill_attention(q, k, v, cu_q, cu_k, scale, backend="torch"):

@@ -5,7 +5,7 @@ writes a paged latent KV cache described by `AttentionMetadata`. Parameter names
 Face checkpoints, so loading is a name-for-name copy (experts are stacked, see `Experts`).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ class AttentionMetadata:
     seq_lens: list[int]              # context length of each sequence including this step's tokens
     query_start_loc: list[int]       # [B + 1] prefix sums of tokens per sequence
     mla_path: str = "auto"           # "auto" | "absorbed" | "expanded"
+    cache: dict = field(default_factory=dict)   # per-step values shared by all layers (rope tables)
 
     @property
     def decode_only(self) -> bool:
@@ -98,11 +99,20 @@ class Rotary(nn.Module):
         self.interleave = cfg.rope_interleave
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor, dtype, cache: dict | None = None):
+        """cos, sin [T, D/2] for these positions (memoized per step: every layer shares them)."""
+        key = ("rope", dtype)
+        if cache is not None and key in cache:
+            return cache[key]
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)
+        out = ((freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype))
+        if cache is not None:
+            cache[key] = out
+        return out
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [T, H, D] (or [T, D]) -> rotated, same shape."""
-        freqs = positions[:, None].float() * self.inv_freq.to(x.device)
-        cos = (freqs.cos() * self.attention_factor).to(x.dtype)
-        sin = (freqs.sin() * self.attention_factor).to(x.dtype)
+        cos, sin = self.tables(positions, x.dtype, cache)
         if x.dim() == 3:
             cos, sin = cos[:, None, :], sin[:, None, :]
         if self.interleave:
@@ -169,10 +179,10 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(-1, H, c.qk_head_dim)
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        q_pe = self.rotary(q_pe, meta.positions)
+        q_pe = self.rotary(q_pe, meta.positions, meta.cache)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent.contiguous())
-        k_pe = self.rotary(k_pe, meta.positions)
+        k_pe = self.rotary(k_pe, meta.positions, meta.cache)
         ops.write_kv(kv_cache, latent, k_pe, meta.slot_mapping, backend=self.backend)
         if x.shape[0] == 0:   # an idle rank's zero-token step (it still joins the MoE exchange)
             out = x.new_zeros(0, H, c.v_head_dim)
@@ -211,7 +221,7 @@ class MLA(nn.Module):
         q_lat = torch.einsum("thd,hdl->thl", q_nope, w_uk)
         o_lat = ops.mla_decode(torch.cat([q_lat, q_pe], dim=-1), kv_cache, meta.block_tables,
                                meta.seq_lens, meta.query_start_loc, self.scale, self.cfg.kv_lora_rank,
-                               backend=self.backend)
+                               backend=self.backend, cache=meta.cache)
         return torch.einsum("thl,hvl->thv", o_lat, w_uv)
 
 
