@@ -20,17 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args, timeout=180):
+def torchrun(args, timeout=180, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port())]
     t = time.time()
     p = subprocess.run(cmd + [os.path.join(HERE, "dist_worker.py")] + args, capture_output=True,
                        text=True, timeout=timeout, env=env)
     return p, time.time() - t
 
 
-def load(prefix):
-    return [json.load(open(f"{prefix}.{r}.json")) for r in range(2)]
+def load(prefix, n=2):
+    return [json.load(open(f"{prefix}.{r}.json")) for r in range(n)]
 
 
 def test_dispatch_combine_round_trip(tmp_path):
@@ -134,3 +135,18 @@ def test_eplb_rebalance_moves_experts_and_keeps_outputs(tmp_path):
     assert first["imbalance_before"] > 1.3 and first["imbalance_after"] < 1.1
     assert {2, 3} <= set(r0["slots"]) and {2, 3} <= set(r1["slots"])   # hot experts copied to both ranks
     assert set(r0["slots"]) | set(r1["slots"]) == set(range(8))         # and nothing lost
+
+
+@pytest.mark.parametrize("scheduler", ["immediate-rr", "sbs"])
+def test_two_instances_of_two_ranks(tmp_path, ckpt, scheduler):
+    """4 processes: two DP=EP=2 instances behind one global scheduler."""
+    model, ref = ckpt
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": 6, "options": dict(
+        scheduler=scheduler, kv_block_size=16, num_kv_blocks=32, instances=2)}))
+    p, _ = torchrun(["generate", model, str(spec), str(tmp_path / "out")], nproc=4)
+    assert p.returncode == 0, p.stderr[-3000:]
+    outs = load(tmp_path / "out", 4)
+    assert all(o["tokens"] == ref for o in outs)
+    if scheduler == "immediate-rr":
+        assert len(set(outs[0]["ranks"])) == 4   # round robin over all four ranks
