@@ -243,8 +243,8 @@ class Coordinator:
             self.policy.add_request(Request(rid, out.prompt_token_ids, params.max_tokens,
                                             arrival_time=out.metrics.arrival_time, priority=params.priority,
                                             session_id=params.session_id), now)
-        for r in ranks:
-            self.policy.loads.pop(r, None)   # never plan for the dead ranks again
+        for req in self.policy.drop_ranks(ranks):   # pinned to a dead rank, never handed over
+            self.policy.add_request(req, time.time())
         return lost
 
     def step_metrics(self) -> dict:

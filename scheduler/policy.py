@@ -71,6 +71,18 @@ class GlobalScheduler:
     def num_pending(self) -> int:
         raise NotImplementedError
 
+    def drop_ranks(self, ranks) -> list[Request]:
+        """Ranks that died: never plan for them again; returns requests pinned to them that were
+        not handed over yet, for the caller to re-add."""
+        self.dead = getattr(self, "dead", set()) | set(ranks)
+        for r in ranks:
+            self.loads.pop(r, None)
+        return []
+
+    def live_ranks(self) -> list[int]:
+        dead = getattr(self, "dead", set())
+        return [r for r in range(self.num_ranks) if r not in dead]
+
     def next_wakeup(self, now: float) -> float | None:
         return None
 
@@ -130,6 +142,14 @@ class _Immediate(GlobalScheduler):
     def num_pending(self) -> int:
         return sum(len(a) for a in self._assigned)
 
+    def drop_ranks(self, ranks) -> list[Request]:
+        super().drop_ranks(ranks)
+        orphans = []
+        for r in ranks:
+            orphans += self._assigned[r]
+            self._assigned[r], self._queued[r] = [], 0
+        return orphans
+
 
 class ImmediateRoundRobin(_Immediate):
     name = "immediate-rr"
@@ -139,7 +159,9 @@ class ImmediateRoundRobin(_Immediate):
         self._next = 0
 
     def pick(self, req: Request) -> int:
-        rank, self._next = self._next, (self._next + 1) % self.num_ranks
+        live = self.live_ranks()
+        rank = live[self._next % len(live)]
+        self._next = (self._next + 1) % len(live)
         return rank
 
 
@@ -149,7 +171,7 @@ class ImmediateLeastLoad(_Immediate):
     name = "immediate-lb"
 
     def pick(self, req: Request) -> int:
-        return min(range(self.num_ranks), key=lambda r: (self.outstanding_tokens(r) + self._queued[r], r))
+        return min(self.live_ranks(), key=lambda r: (self.outstanding_tokens(r) + self._queued[r], r))
 
 
 class AdpBalance(GlobalScheduler):

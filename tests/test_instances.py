@@ -26,8 +26,9 @@ def test_instance_layout():
         instance_ranks(3, 2)
 
 
-def test_dead_instance_requests_are_requeued_and_finish_once_elsewhere():
-    coord = Coordinator(parse_config(TINY_V3), EngineConfig(scheduler="sbs", kv_block_size=16), None, 512, 64, 2)
+@pytest.mark.parametrize("scheduler", ["sbs", "immediate-rr"])
+def test_dead_instance_requests_are_requeued_and_finish_once_elsewhere(scheduler):
+    coord = Coordinator(parse_config(TINY_V3), EngineConfig(scheduler=scheduler, kv_block_size=16), None, 512, 64, 2)
     server = CoordinatorServer(coord, ("127.0.0.1", 0), 2, timeout_s=10)
     server.start()
     a = RemoteCoordinator(server.address, 0, timeout_s=10)
@@ -35,8 +36,8 @@ def test_dead_instance_requests_are_requeued_and_finish_once_elsewhere():
     with server.lock:
         rids = [coord.add_request([5, 6, 7 + i], SamplingParams(temperature=0, max_tokens=2)) for i in range(3)]
         coord.closed = True
-    got_a = a.plan([load(0)], [0], 0)                 # instance 0 takes the buffered work ...
-    assert sum(len(v) for v in got_a.assignments.values()) == 3
+    got_a = a.plan([load(0)], [0], 0)                 # instance 0 takes (sbs: all, rr: its share) ...
+    assert sum(len(v) for v in got_a.assignments.values()) == (3 if scheduler == "sbs" else 2)
     a.conn.close()                                    # ... and dies before reporting a token
     deadline = time.time() + 10
     while not server.dead and time.time() < deadline:
