@@ -78,7 +78,8 @@ class Coordinator:
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("empty prompt: at least one token is needed")
-        if any(not isinstance(t, int) or not 0 <= t < self.model_cfg.vocab_size for t in prompt_ids):
+        if not all(type(t) is int for t in prompt_ids) or min(prompt_ids) < 0 \
+                or max(prompt_ids) >= self.model_cfg.vocab_size:
             raise ValueError(f"prompt token ids must be ints in [0, {self.model_cfg.vocab_size})")
         if n + 1 > self.max_model_len:
             raise ValueError(f"prompt of {n} tokens leaves no room to generate within the context "

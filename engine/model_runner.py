@@ -16,7 +16,7 @@ class ModelRunner:
         ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [0], [], [], [], []
         for req, n in batch.items:
             start = req.num_computed_tokens
-            ids += req.all_token_ids[start:start + n]
+            ids += req.tokens(start, start + n)
             table = req.block_table
             for p in range(start, start + n):
                 pos.append(p)

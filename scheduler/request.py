@@ -51,6 +51,15 @@ class Request:
         # Recompute after preemption covers prompt + outputs so far, so the KV cache sees both.
         return self.prompt_token_ids + self.output_token_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building the whole list (a decode reads one token)."""
+        p = self.prompt_token_ids
+        if end <= len(p):
+            return p[start:end]
+        if start >= len(p):
+            return self.output_token_ids[start - len(p):end - len(p)]
+        return p[start:] + self.output_token_ids[:end - len(p)]
+
     @property
     def remaining_tokens(self) -> int:
         """Tokens whose KV still has to be computed (the last one yields the next sample)."""

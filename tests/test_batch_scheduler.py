@@ -246,3 +246,12 @@ def test_conservation_random_workload(seed):
     assert bm.num_free_blocks == num_blocks and bm.usage == 0.0 and not s.running and not s.waiting
     hits = sum(r.num_cached_tokens for r in all_reqs)
     assert hits > 0 if caching else hits == 0   # shared prefixes do hit the cache
+
+
+def test_request_tokens_slices_prompt_and_outputs():
+    from scheduler.request import Request
+    r = Request("x", [1, 2, 3], 5)
+    r.output_token_ids = [4, 5]
+    for a in range(6):
+        for b in range(a, 6):
+            assert r.tokens(a, b) == r.all_token_ids[a:b]
