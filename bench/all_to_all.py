@@ -44,7 +44,9 @@ def main(argv=None):
         for _ in range(a.iters + 1):
             dist.barrier()
             t0 = time.perf_counter()
-            rx, rid, rw, h = ex.dispatch(x, ids, w)
+            (rx, rid, rw), works, h = ex.dispatch(x, ids, w)
+            for wk in works:
+                wk.wait()
             if cuda:
                 torch.cuda.synchronize()
             t1 = time.perf_counter()

@@ -64,16 +64,20 @@ class TorchAllToAll:
     def __init__(self, placement: ExpertPlacement, group=None):
         self.placement, self.group = placement, group
 
-    def _a2a(self, t: torch.Tensor, recv_counts, send_counts) -> torch.Tensor:
+    def _a2a(self, t: torch.Tensor, recv_counts, send_counts, async_op: bool = False):
+        """One uneven all-to-all; with async_op, returns (result, work) to wait on later."""
         out = t.new_empty((sum(recv_counts),) + tuple(t.shape[1:]))
         src = t
         if t.dtype == torch.float8_e4m3fn:   # collectives reject float8: move the bytes
             src, out = t.view(torch.uint8), out.view(torch.uint8)
-        dist.all_to_all_single(out, src.contiguous(), recv_counts, send_counts, group=self.group)
-        return out.view(t.dtype) if t.dtype == torch.float8_e4m3fn else out
+        work = dist.all_to_all_single(out, src.contiguous(), recv_counts, send_counts, group=self.group,
+                                      async_op=async_op)
+        out = out.view(t.dtype) if t.dtype == torch.float8_e4m3fn else out
+        return (out, work) if async_op else out
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """-> (received tokens [M, H], local slot ids [M, k] (-1: not here), weights [M, k], handle)."""
+        """-> ([received tokens [M, H], local slot ids [M, k] (-1: not here), weights [M, k]],
+        works to wait on before using them, handle)."""
         T, k = topk_ids.shape
         W, S = self.placement.world_size, self.placement.slots_per_rank
         phys = self.placement.physical(topk_ids)                       # [T, k]
@@ -90,10 +94,9 @@ class TorchAllToAll:
         mine = dest[token] == rank[:, None]                            # [P, k] choices served there
         slots = torch.where(mine, phys[token] % S, torch.full_like(phys[token], -1))
         weights = torch.where(mine, topk_weights[token].float(), torch.zeros_like(topk_weights[token].float()))
-        rx = self._a2a(x[token], recv_counts, send_counts)
-        rid = self._a2a(slots, recv_counts, send_counts)
-        rw = self._a2a(weights, recv_counts, send_counts)
-        return rx, rid, rw, DispatchHandle(token, rank, send_counts, recv_counts, T)
+        # the three payloads travel together; whoever calls dispatch may compute meanwhile
+        sent = [self._a2a(t, recv_counts, send_counts, async_op=True) for t in (x[token], slots, weights)]
+        return [out for out, _ in sent], [work for _, work in sent], DispatchHandle(token, rank, send_counts, recv_counts, T)
 
     def combine(self, y: torch.Tensor, h: DispatchHandle) -> torch.Tensor:
         """Partial sums (already weighted) back to their tokens, summed over ranks."""
@@ -102,9 +105,14 @@ class TorchAllToAll:
         per_rank[h.token, h.dest] = back
         return per_rank.sum(1)
 
-    def run(self, x, topk_ids, topk_weights, experts):
-        rx, rid, rw, h = self.dispatch(x, topk_ids, topk_weights)
-        return self.combine(experts.compute(rx, rid, rw), h)
+    def run(self, x, topk_ids, topk_weights, experts, overlap=None):
+        """Dispatch, local experts, combine. `overlap()` (the shared experts) runs while the
+        dispatch is in flight; returns (routed output, overlap's result)."""
+        (rx, rid, rw), works, h = self.dispatch(x, topk_ids, topk_weights)
+        side = overlap() if overlap is not None else None
+        for w in works:
+            w.wait()
+        return self.combine(experts.compute(rx, rid, rw), h), side
 
 
 def make_all_to_all(backend: str, placement: ExpertPlacement, group=None):

@@ -301,8 +301,8 @@ class MoE(nn.Module):
         self.experts = Experts(cfg, local_experts)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        # Expert parallelism: the engine installs an exchange with
-        # run(x, topk_ids, topk_weights, experts) -> routed output for x (dispatch, compute, combine).
+        # Expert parallelism: the engine installs an exchange with run(x, topk_ids, topk_weights,
+        # experts, overlap) -> (routed output for x, overlap()) (dispatch, compute, combine).
         self.ep = None
         self.expert_load: torch.Tensor | None = None   # set by the engine when EPLB is on
 
@@ -310,13 +310,12 @@ class MoE(nn.Module):
         weights, ids = self.gate(x)
         if self.expert_load is not None:   # EPLB statistics: tokens routed to each logical expert
             self.expert_load += torch.bincount(ids.flatten(), minlength=self.expert_load.numel())
+        shared = (lambda: self.shared_experts(x)) if self.shared_experts is not None else (lambda: None)
         if self.ep is None:
-            routed = self.experts(x, ids, weights)
-        else:
-            routed = self.ep.run(x, ids, weights, self.experts)
-        if self.shared_experts is not None:
-            routed = routed + self.shared_experts(x)
-        return routed
+            routed, side = self.experts(x, ids, weights), shared()
+        else:   # the shared experts run while the tokens are on the wire
+            routed, side = self.ep.run(x, ids, weights, self.experts, overlap=shared)
+        return routed if side is None else routed + side
 
 
 class DecoderLayer(nn.Module):

@@ -59,7 +59,8 @@ def a2a(out_prefix):
                 logical = torch.tensor(slots)[slot_ids.clamp(min=0)]
                 scale = torch.where(slot_ids >= 0, (logical.float() + 1) * rw, torch.zeros_like(rw))
                 return rx * scale.sum(1, keepdim=True)
-        out = ex.run(x, ids, w, Experts)
+        out, side = ex.run(x, ids, w, Experts, overlap=lambda: 42)
+        assert side == 42
         want = (x[:, None, :] * ((ids.float() + 1) * w)[..., None]).sum(1)
         results.append({"T": T, "err": float((out - want).abs().max()) if T else 0.0,
                         "shape_ok": list(out.shape) == [T, H], "received": seen[0]})
