@@ -49,6 +49,7 @@ class GlobalScheduler:
         if role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
         self.num_ranks, self.role = num_ranks, role
+        self.dead: set[int] = set()                   # ranks whose instance died (never planned again)
         self.loads: dict[int, RankLoad] = {}          # last report per rank
         self._sent = [0] * num_ranks                  # tokens handed over since that rank's report
         self._step_ema: dict[tuple, float] = {}       # measured step time per group of ranks
@@ -74,14 +75,13 @@ class GlobalScheduler:
     def drop_ranks(self, ranks) -> list[Request]:
         """Ranks that died: never plan for them again; returns requests pinned to them that were
         not handed over yet, for the caller to re-add."""
-        self.dead = getattr(self, "dead", set()) | set(ranks)
+        self.dead |= set(ranks)
         for r in ranks:
             self.loads.pop(r, None)
         return []
 
     def live_ranks(self) -> list[int]:
-        dead = getattr(self, "dead", set())
-        return [r for r in range(self.num_ranks) if r not in dead]
+        return [r for r in range(self.num_ranks) if r not in self.dead]
 
     def next_wakeup(self, now: float) -> float | None:
         return None
