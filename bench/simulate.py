@@ -15,6 +15,7 @@ import sys
 import time
 
 from scheduler.sim import SimConfig, length_sampler, load_requests, make_cost_model, synthetic, trace_workload
+from scheduler.ordering import rank_order
 from scheduler.sim.simulator import Simulator
 
 COLUMNS = [("ttft_mean_s", "TTFT mean", 1e3), ("ttft_p50_s", "P50", 1e3), ("ttft_p99_s", "P99", 1e3),
@@ -26,6 +27,8 @@ COLUMNS = [("ttft_mean_s", "TTFT mean", 1e3), ("ttft_p50_s", "P50", 1e3), ("ttft
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dp", type=int, default=32, help="DP ranks per instance")
+    p.add_argument("--rank-order", default="fcfs", choices=["fcfs", "sjf", "priority"],
+                   help="order of each rank's local queue (scheduler/ordering.py, with aging)")
     p.add_argument("--instances", type=int, default=1, help="lockstep instances (pd: prefill instances)")
     p.add_argument("--mode", choices=["colocated", "pd"], default="colocated")
     p.add_argument("--decode-instances", type=int, default=1, help="pd: decode instances")
@@ -104,7 +107,8 @@ def run_one(a, name, specs, opts):
                     decode_ranks=a.decode_dp, max_num_seqs=a.max_num_seqs, decode_max_num_seqs=a.max_num_seqs,
                     max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                     kv_blocks=a.kv_blocks, enable_prefix_caching=a.prefix_caching, horizon=a.horizon,
-                    scheduler_options=dict(opts.get(name, {})))
+                    scheduler_options=dict(opts.get(name, {})),
+                    rank_order=lambda bm: rank_order(a.rank_order, bm))
     if name == "sbs" and "prefix_aware" not in cfg.scheduler_options:
         cfg.scheduler_options["prefix_aware"] = a.prefix_caching
     sim = Simulator(cfg, name, lambda n: make_cost_model(a.cost_model, n), specs)

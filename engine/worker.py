@@ -10,7 +10,7 @@ import torch
 
 from scheduler.batch import BatchScheduler
 from scheduler.block_manager import BlockManager
-from scheduler.ordering import make_order, prefix_hits
+from scheduler.ordering import rank_order
 from scheduler.request import Request
 from . import pd
 from .detokenizer import IncrementalDetokenizer, check_stop
@@ -53,7 +53,8 @@ class RankWorker:
         bm = BlockManager(kv_caches[0].shape[0], cfg.kv_block_size, cfg.enable_prefix_caching)
         self.scheduler = BatchScheduler(bm, max_num_seqs=cfg.max_num_seqs,
                                         max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                        max_model_len=max_model_len, order=_order_key(cfg, bm))
+                                        max_model_len=max_model_len,
+                                        order=rank_order(cfg.order, bm, **cfg.order_options))
         self.runner = ModelRunner(model, kv_caches, cfg.kv_block_size, device, cfg.mla_path)
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
@@ -159,13 +160,3 @@ class RankWorker:
             self.live.pop(req.request_id, None)
             self.sampler.forget(req.request_id)
         return ev
-
-
-def _order_key(cfg, block_manager):
-    """Request order inside a rank: fcfs, sjf (prefix-cache aware) or priority, both with aging."""
-    if cfg.order == "fcfs":
-        return "fcfs"
-    opts = dict(cfg.order_options)
-    if cfg.order == "sjf":
-        opts.setdefault("cached", prefix_hits(block_manager))   # cached prompt tokens cost nothing
-    return make_order(cfg.order, **opts).as_key()

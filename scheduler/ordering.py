@@ -171,4 +171,14 @@ def make_order(name: str, **opts) -> Order:
         raise ValueError(f"bad options for order {name!r}: {e}") from None
 
 
-__all__ = ["JobPredictor", "Order", "SJF", "Priority", "make_order", "prefix_hits"]
+def rank_order(name: str, block_manager, **opts):
+    """The `order` argument of a rank's BatchScheduler: "fcfs", or a now-free key (SJF counts the
+    prompt tokens this rank's prefix cache already holds as free)."""
+    if name == "fcfs":
+        return "fcfs"
+    if name == "sjf":
+        opts.setdefault("cached", prefix_hits(block_manager))
+    return make_order(name, **opts).as_key()
+
+
+__all__ = ["JobPredictor", "Order", "SJF", "Priority", "make_order", "prefix_hits", "rank_order"]
