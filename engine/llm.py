@@ -38,17 +38,7 @@ class LLM:
         topo = distributed.Topology.from_env()
         device = distributed.device_for(topo, device)
         self.topology, self.server = topo, None
-        ranks, inst, pg, group = [0], 0, None, None
-        if distributed.under_torchrun():
-            distributed.init(device, cfg.step_timeout_s)
-            layout = instance_ranks(topo.world_size, cfg.instances)
-            inst = topo.rank // len(layout[0])
-            ranks = layout[inst]
-            pgs = [distributed.new_group(r) for r in layout]   # every rank creates every group
-            pg = pgs[inst] if cfg.instances > 1 else None
-            group = distributed.DistGroup(topo, pg, leader=ranks[0], size=len(ranks))
-        elif cfg.instances != 1:
-            raise ValueError("instances > 1 needs torchrun (one process per rank)")
+        ranks, inst, pg, group = _join_world(cfg, topo, device)
         local_rank, n = topo.rank - ranks[0], len(ranks)
         placement = ExpertPlacement.default(mc.n_routed_experts, n, cfg.num_redundant_experts) if mc.n_routed_experts else None
         dtype = _resolve_dtype(dtype, device)
@@ -82,17 +72,20 @@ class LLM:
             worker.role = "prefill" if inst < n_prefill else "decode"
             worker.transfers = Transfers(cfg.step_timeout_s)
         make_coord = lambda: Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size, decode_ranks)
+        self.engine = LLMEngine(worker, self._coordinator(make_coord, ranks, inst), group, ranks, inst)
+
+    def _coordinator(self, make_coord, ranks, inst):
+        """One instance: every rank keeps a Coordinator. Several: rank 0 hosts the global
+        scheduler's server thread and each instance leader holds a channel to it."""
+        cfg, topo = self.config, self.topology
         if cfg.instances == 1:
-            coordinator = make_coord()
-        else:
-            if topo.rank == 0:   # the global scheduler: a thread of its own beside instance 0's loop
-                self.server = CoordinatorServer(make_coord(), distributed.scheduler_address(cfg.scheduler_port),
-                                                cfg.instances, cfg.step_timeout_s)
-                self.server.start()
-            distributed.barrier()
-            coordinator = (RemoteCoordinator(distributed.scheduler_address(cfg.scheduler_port), inst,
-                                             cfg.step_timeout_s) if topo.rank == ranks[0] else None)
-        self.engine = LLMEngine(worker, coordinator, group, ranks, inst)
+            return make_coord()
+        address = distributed.scheduler_address(cfg.scheduler_port)
+        if topo.rank == 0:
+            self.server = CoordinatorServer(make_coord(), address, cfg.instances, cfg.step_timeout_s)
+            self.server.start()
+        distributed.barrier()
+        return RemoteCoordinator(address, inst, cfg.step_timeout_s) if topo.rank == ranks[0] else None
 
     @property
     def coordinator(self) -> Coordinator | None:
@@ -153,6 +146,22 @@ class LLM:
                 self.server.check()
             if self.engine.stopped:
                 return
+
+
+def _join_world(cfg, topo, device):
+    """Under torchrun: join the world and this rank's instance -> (instance ranks, instance id,
+    its process group (None: the whole world), the leader's channel to the instance)."""
+    if not distributed.under_torchrun():
+        if cfg.instances != 1:
+            raise ValueError("instances > 1 needs torchrun (one process per rank)")
+        return [0], 0, None, None
+    distributed.init(device, cfg.step_timeout_s)
+    layout = instance_ranks(topo.world_size, cfg.instances)
+    inst = topo.rank // len(layout[0])
+    pgs = [distributed.new_group(r) for r in layout]   # every rank creates every group
+    pg = pgs[inst] if cfg.instances > 1 else None
+    ranks = layout[inst]
+    return ranks, inst, pg, distributed.DistGroup(topo, pg, leader=ranks[0], size=len(ranks))
 
 
 def _submit(coordinator, prompts, params):
