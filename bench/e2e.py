@@ -109,17 +109,10 @@ def main(argv=None):
           f"{run['throughput_tok_s']:.1f} tok/s")
     if a.skip_hf:
         return
-    import transformers
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=llm.engine.worker.runner.kv_caches[0].dtype).to(device).eval()
-    batch = torch.tensor(prompts[:a.hf_prompts], device=device)
-    with torch.no_grad():
-        t = time.perf_counter()
-        out = hf.generate(batch, max_new_tokens=a.output_len, min_new_tokens=a.output_len, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        hf_wall = time.perf_counter() - t
-    hf_tps = (out.shape[1] - batch.shape[1]) * batch.shape[0] / hf_wall
+    from bench.offline import run_transformers
+    hf_n, hf_wall = run_transformers(model_dir, prompts[:a.hf_prompts], a.output_len, a.hf_prompts, device,
+                                     llm.engine.worker.runner.kv_caches[0].dtype)
+    hf_tps = hf_n / hf_wall
     print(f"transformers generate (batch {a.hf_prompts}): {hf_tps:.1f} tok/s; stagger/transformers "
           f"{(n / wall) / hf_tps:.2f}x")
 

@@ -30,19 +30,22 @@ def run_stagger(model_dir, prompts, out_len, **opts):
     return sum(len(o.token_ids) for o in outs), wall
 
 
-def run_transformers(model_dir, prompts, out_len, batch):
+def run_transformers(model_dir, prompts, out_len, batch, device="cpu", dtype=torch.float32):
+    """transformers' batched greedy generate (left padding) -> (output tokens, seconds)."""
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     n, t = 0, time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
             chunk = prompts[i:i + batch]
             width = max(map(len, chunk))
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])        # left padding
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)   # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             out = model.generate(ids, attention_mask=mask, max_new_tokens=out_len, min_new_tokens=out_len,
                                  do_sample=False, pad_token_id=0, eos_token_id=None)
             n += (out.shape[1] - width) * len(chunk)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
     return n, time.perf_counter() - t
 
 

@@ -215,18 +215,6 @@ class Coordinator:
             self.unfinished.discard(ev.request_id)
             self._where.pop(ev.request_id, None)
 
-    def fail(self, request_ids, reason: str) -> list[RequestOutput]:
-        """End requests that can no longer finish (their instance died), with the reason."""
-        out = []
-        for rid in request_ids:
-            if rid in self.unfinished:
-                o = self.outputs[rid]
-                o.finish_reason = f"error: {reason}"
-                o.metrics.finish_time = time.time()
-                self.unfinished.discard(rid)
-                out.append(o)
-        return out
-
     def requeue_instance(self, instance: int) -> list[str]:
         """Put the unfinished requests of a dead instance back into the buffer; their outputs
         restart (a request is never lost, nor finished twice)."""

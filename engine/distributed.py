@@ -102,7 +102,3 @@ class DistGroup:
         box = [obj]
         self._guard("broadcast", lambda: dist.broadcast_object_list(box, src=self.leader, group=self.pg))
         return box[0]
-
-    def close(self):
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -3,6 +3,7 @@ import torch
 
 from model.deepseek import AttentionMetadata
 from scheduler.batch import ScheduledBatch
+from scheduler.block_manager import slots as token_slots
 
 
 class ModelRunner:
@@ -18,9 +19,8 @@ class ModelRunner:
             start = req.num_computed_tokens
             ids += req.tokens(start, start + n)
             table = req.block_table
-            for p in range(start, start + n):
-                pos.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+            pos += range(start, start + n)
+            slots += token_slots(table, start, start + n, bs)
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)

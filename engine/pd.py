@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from kernels import ops
+from scheduler.block_manager import slots as token_slots
 
 
 @dataclass
@@ -40,7 +41,7 @@ def gather_rows(kv_caches, block_table, n: int) -> torch.Tensor:
 def scatter_rows(kv_caches, block_table, rows: torch.Tensor) -> None:
     bs = kv_caches[0].shape[1]
     n = rows.shape[1]
-    slots = torch.tensor([block_table[p // bs] * bs + p % bs for p in range(n)], device=rows.device)
+    slots = torch.tensor(token_slots(block_table, 0, n, bs), device=rows.device)
     for cache, layer_rows in zip(kv_caches, rows):
         cache.view(-1, cache.shape[-1])[slots] = layer_rows
 

@@ -18,6 +18,11 @@ from scheduler.request import Request
 _ROOT_HASH = -1   # parent of a sequence's first block (an int: hash(None) varies between processes)
 
 
+def slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of token positions start..end-1 of a sequence with this block table."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 @dataclass
 class Block:
     block_id: int
