@@ -26,7 +26,7 @@ from dataclasses import replace
 from scheduler.batch import BatchScheduler
 from scheduler.dispatch import ImmediateGimbal
 from scheduler.ordering import make_order, prefix_hits
-from scheduler.sim import SimConfig, Simulator, length_sampler, make_cost_model, synthetic
+from scheduler.sim import SimConfig, Simulator, length_sampler, make_cost_model, multi_turn, synthetic
 
 RUNS = ("immediate-rr:fcfs,immediate-rr:sjf,immediate-lb:fcfs,immediate-gimbal:fcfs,immediate-gimbal:sjf-blind,"
         "immediate-gimbal:sjf,sbs:fcfs,sbs:sjf,sbs:sjf-global")
@@ -60,18 +60,8 @@ def workload(a):
                              max_output=4096)
     specs = synthetic(a.rate, a.duration, lengths, rng, "poisson")
     fresh = iter(range(1000, 1 << 62))   # token ids never shared by accident (1 is the sampled token)
-    systems = [[next(fresh) for _ in range(a.prefix_len)] for _ in range(a.prefixes)]
-    convs = {}                           # session -> tokens so far (system + turns)
-    for s in specs:
-        sid = rng.randrange(a.sessions)
-        user = [next(fresh) for _ in range(s.prompt_len)]
-        conv = convs.get(sid)
-        if conv is None or len(conv) + len(user) > a.max_prompt:
-            conv = list(systems[rng.randrange(a.prefixes)])
-        prompt = conv + user
-        s.prompt_token_ids, s.prompt_len, s.session_id = prompt, len(prompt), f"s{sid}"
-        convs[sid] = prompt + [1] * s.max_tokens
-    return specs
+    return multi_turn(specs, rng, lambda: next(fresh), sessions=a.sessions, prefixes=a.prefixes,
+                      prefix_len=a.prefix_len, max_prompt=a.max_prompt)
 
 
 def run(a, specs, dispatch, order_name, opts=None):

@@ -17,13 +17,14 @@ import time
 
 from bench.simulate import plot, table
 from scheduler.sim.metrics import percentile
-from scheduler.sim.workload import length_sampler, load_requests, synthetic, trace_workload
+from scheduler.sim.workload import length_sampler, load_requests, multi_turn, synthetic, trace_workload
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--scheduler", default="immediate-rr,immediate-lb,sbs", help="comma-separated names")
+    p.add_argument("--scheduler", default="immediate-rr,immediate-lb,sbs",
+                   help="comma-separated names; NAME@TAG runs NAME again under its own label (see --sched-opt)")
     p.add_argument("--requests", help="JSONL: arrival_s, prompt_len or prompt_token_ids, max_tokens")
     p.add_argument("--trace", help="Azure LLM trace CSV, replayed compressed to --rate")
     p.add_argument("--rate", type=float, default=4.0, help="mean arrival rate, req/s")
@@ -34,9 +35,15 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=float, default=32)
     p.add_argument("--max-prompt", type=int, default=1024)
     p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--sessions", type=int, default=0,
+                   help="multi-turn chat: this many clients, each prompt = its conversation so far + a new "
+                        "message of --prompt-len tokens (mean); 0: independent prompts")
+    p.add_argument("--prefixes", type=int, default=4, help="multi-turn: shared system prompts")
+    p.add_argument("--prefix-len", type=int, default=256, help="multi-turn: system prompt tokens")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="engine option (repeatable)")
     p.add_argument("--sched-opt", action="append", default=[], metavar="NAME:KEY=VALUE",
-                   help="scheduler option, e.g. sbs:max_wait_s=0.5 (repeatable)")
+                   help="scheduler option for the run with that label, e.g. sbs:max_wait_s=0.5 or "
+                        "sbs@blind:prefix_aware=false (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -53,6 +60,9 @@ def build_workload(a, vocab: int):
         lengths = length_sampler("lognormal", rng, a.prompt_len, a.output_len, 0.8,
                                  max_prompt=a.max_prompt, max_output=a.max_output)
         specs = synthetic(a.rate, a.duration, lengths, rng, a.arrival, a.cv)
+        if a.sessions:
+            multi_turn(specs, rng, lambda: rng.randrange(2, vocab), sessions=a.sessions, prefixes=a.prefixes,
+                       prefix_len=a.prefix_len, max_prompt=a.max_prompt)
     for s in specs:   # token ids are drawn once, so every scheduler sees the very same prompts
         if s.prompt_token_ids is None:
             s.prompt_token_ids = [rng.randrange(2, vocab) for _ in range(s.prompt_len)]
@@ -93,6 +103,7 @@ class Run:
                 "tpot_mean_s": mean(tpot), "e2e_mean_s": mean([o.metrics.e2e for o in done]),
                 "held_mean_s": mean(held), "throughput_tok_s": tokens / (last - first),
                 "prompt_tok_s": sum(len(o.prompt_token_ids) for o in done) / (last - first),
+                "prefix_hit": sum(o.num_cached_tokens for o in done) / max(1, sum(len(o.prompt_token_ids) for o in done)),
                 "imbalance_mean": mean([s.imbalance for s in self.busy]),
                 "idle_fraction": mean([s.idle_fraction for s in self.busy]),
                 "steps": len(self.busy), "completed": len(done), "failed": len(self.outputs) - len(done)}
@@ -186,7 +197,7 @@ def main(argv=None):
               f"{os.environ.get('WORLD_SIZE', '1')} rank(s)", file=sys.stderr)
     results, runs = {}, {}
     for name in names:
-        llm = LLM(a.model, scheduler=name, scheduler_options=sched_opts.get(name, {}), **engine_opts)
+        llm = LLM(a.model, scheduler=name.split("@")[0], scheduler_options=sched_opts.get(name, {}), **engine_opts)
         llm.generate([specs[0].prompt_token_ids[:8]] * 2, None)   # warm-up outside the clock
         if llm.coordinator is not None:
             llm.coordinator.steps.clear()

@@ -21,7 +21,7 @@ from scheduler.sim.simulator import Simulator
 COLUMNS = [("ttft_mean_s", "TTFT mean", 1e3), ("ttft_p50_s", "P50", 1e3), ("ttft_p99_s", "P99", 1e3),
            ("tpot_mean_s", "TPOT", 1e3), ("throughput_tok_s", "out tok/s", 1), ("prompt_tok_s", "in tok/s", 1),
            ("utilization", "util", 1), ("step_utilization", "step util", 1), ("imbalance_mean", "imbal", 1), ("imbalance_weighted", "imbal(w)", 1), ("idle_fraction", "idle", 1),
-           ("completed", "done", 1)]
+           ("prefix_hit", "prefix hit", 1), ("completed", "done", 1)]
 
 
 def parse_args(argv=None):
@@ -117,18 +117,21 @@ def run_one(a, name, specs, opts):
 
 
 def table(results: dict) -> str:
-    head = f"{'scheduler':14s}" + "".join(f"{h:>11s}" for _, h, _ in COLUMNS)
+    """Side-by-side table of the columns some run reports, then SBS's changes against each other run."""
+    cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
+    head = f"{'scheduler':14s}" + "".join(f"{h:>11s}" for _, h, _ in cols)
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         cells = []
-        for key, _, scale in COLUMNS:
+        for key, _, scale in cols:
             v = r.get(key, float("nan"))
             cells.append(f"{v * scale:11.1f}" if scale != 1 else (f"{v:11.0f}" if abs(v) >= 100 else f"{v:11.3f}"))
         lines.append(f"{name:14s}" + "".join(cells))
-    base = results.get("immediate-rr")
-    if base and "sbs" in results:
-        s = results["sbs"]
-        lines.append(f"sbs vs immediate-rr: TTFT mean {100 * (s['ttft_mean_s'] / base['ttft_mean_s'] - 1):+.1f} %, "
+    s = results.get("sbs")
+    for name, base in results.items():
+        if s is None or name == "sbs":
+            continue
+        lines.append(f"sbs vs {name}: TTFT mean {100 * (s['ttft_mean_s'] / base['ttft_mean_s'] - 1):+.1f} %, "
                      f"P99 {100 * (s['ttft_p99_s'] / base['ttft_p99_s'] - 1):+.1f} %, "
                      f"throughput {100 * (s['throughput_tok_s'] / base['throughput_tok_s'] - 1):+.1f} %")
     return "\n".join(lines)

@@ -206,6 +206,8 @@ class Coordinator:
         m.token_times.append(ev.time)
         if m.first_token_time is None:
             m.first_token_time = ev.time
+        if ev.cached_tokens is not None:
+            out.num_cached_tokens = ev.cached_tokens
         if out.text is not None:
             out.text += ev.text_delta
         if ev.finish_reason is not None:

@@ -28,9 +28,7 @@ class ModelRunner:
                 sample_rows.append(qsl[-1] - 1)
                 sample_reqs.append(req)
         width = max((len(t) for t in tables), default=1)
-        bt = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).view(-1, width)
         dev = self.device
         meta = AttentionMetadata(positions=torch.tensor(pos, dtype=torch.int64, device=dev),
                                  slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),

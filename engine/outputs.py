@@ -43,6 +43,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     new_token_ids: list[int] = field(default_factory=list)  # tokens added by the latest step
     params: object = field(default=None, repr=False)        # the request's SamplingParams
+    num_cached_tokens: int = 0                              # prompt tokens the prefix cache served
 
     @property
     def finished(self) -> bool:

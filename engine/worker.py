@@ -36,6 +36,7 @@ class TokenEvent:
     time: float
     text: str | None = None   # full (stop-trimmed) text, set when the request finishes
     handoff: bool = False     # P/D: prefill done here, the request continues on a decode rank
+    cached_tokens: int | None = None   # on a first token: prompt tokens served by the prefix cache
 
 
 @dataclass
@@ -155,6 +156,8 @@ class RankWorker:
         elif reason is not None:
             self.scheduler.finish(req, reason)
         ev = TokenEvent(req.request_id, token, delta, reason, now)
+        if req.num_output_tokens == 1:
+            ev.cached_tokens = req.num_cached_tokens
         if reason is not None:
             ev.text = trimmed if detok else None
             self.live.pop(req.request_id, None)

@@ -49,25 +49,28 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     dev = q.device
     key = ("mla_decode_index", dev)
     if cache is not None and key in cache:
-        seq_of, pos, single = cache[key]
-    else:
+        idx, seq_of, bias = cache[key]
+    else:   # the same for every layer of a step: built once
         counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))], device=dev)
         seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), counts)
         lens = torch.tensor(seq_lens, device=dev)
         starts = torch.tensor(query_start_loc[:-1], device=dev)
         pos = lens[seq_of] - counts[seq_of] + (torch.arange(T, device=dev) - starts[seq_of])   # [T]
-        single = T == len(seq_lens) and bool(counts.eq(1).all())
-        if cache is not None:   # the same for every layer of a step
-            cache[key] = (seq_of, pos, single)
-    bs = kv_cache.shape[1]
-    width = -(-max(seq_lens) // bs)
-    rows = kv_cache[block_table[:, :width].long()].flatten(1, 2)       # [B, width*bs, D]
-    kv = rows if single else rows[seq_of]   # [T, S, D]
-    kv = kv.to(q.dtype)
-    scores = torch.matmul(q.float(), kv.float().transpose(1, 2)) * scale      # [T, H, S]
-    keep = torch.arange(kv.shape[1], device=dev)[None, :] <= pos[:, None]
-    p = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
-    return torch.matmul(p, kv[..., :kv_lora_rank].float()).to(q.dtype)
+        if T == len(seq_lens) and bool(counts.eq(1).all()):
+            seq_of = None                    # one query per sequence: no row repeats
+        bs = kv_cache.shape[1]
+        width = -(-max(seq_lens) // bs)
+        idx = block_table[:, :width].long()
+        # additive mask: 0 where a query sees the key, -inf past its own position
+        hidden = torch.arange(width * bs, device=dev)[None, :] > pos[:, None]
+        bias = torch.zeros(T, 1, width * bs, device=dev).masked_fill_(hidden[:, None, :], float("-inf"))
+        if cache is not None:
+            cache[key] = (idx, seq_of, bias)
+    rows = kv_cache[idx].flatten(1, 2)                           # [B, width*bs, D]
+    kv = (rows if seq_of is None else rows[seq_of]).float()      # [T, S, D]
+    scores = torch.baddbmm(bias.expand(-1, q.shape[1], -1), q.float(), kv.transpose(1, 2), alpha=scale)
+    # p @ all D columns, then keep the latent ones: cheaper than multiplying by a strided slice
+    return torch.matmul(scores.softmax(-1), kv)[..., :kv_lora_rank].to(q.dtype)
 
 
 def prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,5 +1,6 @@
 """RMSNorm with an optional fused residual add (torch reference)."""
 import torch
+import torch.nn.functional as F
 
 
 def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -13,7 +14,10 @@ def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is not None:
         x = x + residual
         residual = x
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = weight * y.to(x.dtype)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        y = F.rms_norm(x, (x.shape[-1],), weight, eps)   # the same math in one op (no casts to order)
+    else:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = weight * y.to(x.dtype)
     return y if residual is None else (y, residual)

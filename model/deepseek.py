@@ -218,11 +218,11 @@ class MLA(nn.Module):
     def _absorbed_attention(self, q_nope, q_pe, meta, kv_cache):
         """Fold W_UK into the query and W_UV into the output: attention runs in latent space."""
         w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
-        q_lat = torch.einsum("thd,hdl->thl", q_nope, w_uk)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)            # [T, H, Dl]
         o_lat = ops.mla_decode(torch.cat([q_lat, q_pe], dim=-1), kv_cache, meta.block_tables,
                                meta.seq_lens, meta.query_start_loc, self.scale, self.cfg.kv_lora_rank,
                                backend=self.backend, cache=meta.cache)
-        return torch.einsum("thl,hvl->thv", o_lat, w_uv)
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # [T, H, v]
 
 
 class MLP(nn.Module):

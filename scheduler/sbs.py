@@ -41,7 +41,7 @@ class StaggeredBatchScheduler(GlobalScheduler):
     def __init__(self, num_ranks: int, *, order="fcfs", max_wait_s: float = 2.0, hold_steps: float = 0.0,
                  hold_s: float | None = None, fill_fraction: float = 0.9, prefix_aware: bool = True,
                  kv_watermark: float = 0.01, cost_prior=(0.01, 2e-5, 1e-9), rate_window: int = 64,
-                 adaptive: bool = True, role: str = "prefill"):
+                 adaptive: bool = True, lpt: bool = True, role: str = "prefill"):
         super().__init__(num_ranks, role)
         if max_wait_s <= 0 or hold_steps < 0 or (hold_s is not None and hold_s < 0):
             raise ValueError("max_wait_s must be > 0, hold_steps and hold_s >= 0")
@@ -50,7 +50,7 @@ class StaggeredBatchScheduler(GlobalScheduler):
         self.key = order_key(order)
         self.max_wait_s, self.hold_steps, self.hold_s = max_wait_s, hold_steps, hold_s
         self.fill_fraction, self.kv_watermark = fill_fraction, kv_watermark
-        self.prefix_aware, self.adaptive = prefix_aware, adaptive
+        self.prefix_aware, self.adaptive, self.lpt = prefix_aware, adaptive, lpt
         self.cost = StepCostModel(prior=cost_prior)
         self.buffer: list[Request] = []
         self._since: dict[int, float] = {}                       # id(req) -> time buffered
@@ -101,7 +101,7 @@ class StaggeredBatchScheduler(GlobalScheduler):
         if self.role == "decode":
             fill, _ = self._decode_fill(order, slots, bs, strict=len(aged))
         elif aged or self._release_now(now, loads, slots):
-            fill, _ = water_fill(order, slots, self.cost, bs, self._hits, strict=len(aged), lpt=True)
+            fill, _ = water_fill(order, slots, self.cost, bs, self._hits, strict=len(aged), lpt=self.lpt)
         else:
             fill = {}
         for rank, reqs in fill.items():

@@ -79,8 +79,9 @@ def test_prefix_cache_is_used(tmp_path):
         seen.extend((r.request_id, r.num_cached_tokens) for r, _ in b.items)
         return b
     sched.schedule = spy
-    llm.generate(SHARED[1:2], GREEDY)
+    out = llm.generate(SHARED[1:2], GREEDY)[0]
     assert max(c for _, c in seen) == 32   # two full 16-token blocks of the shared prefix
+    assert out.num_cached_tokens == 32     # ...and the output says so
 
 
 @pytest.fixture(scope="module")

@@ -137,3 +137,27 @@ def test_oversized_prompt_is_reported_not_lost():
     rec, _ = run(specs, "immediate-rr", ranks=2, kv_blocks=16, block_size=16)
     reasons = sorted(r[6] for r in rec.requests)
     assert reasons[0].startswith("error") and reasons[1] == "length"
+
+
+def test_multi_turn_prompts_extend_their_session_history():
+    from scheduler.sim import multi_turn
+    rng = random.Random(3)
+    specs = synthetic(5, 20, length_sampler("lognormal", rng, 50, 10, max_prompt=200), rng, "poisson")
+    fresh = iter(range(100, 1 << 40))
+    multi_turn(specs, rng, lambda: next(fresh), sessions=4, prefixes=2, prefix_len=16, max_prompt=300)
+    last, systems, turns, restarts = {}, set(), 0, 0
+    for s in specs:
+        p = s.prompt_token_ids
+        assert len(p) == s.prompt_len <= 300
+        systems.add(tuple(p[:16]))
+        prev = last.get(s.session_id)
+        if prev is not None:
+            hist = prev.prompt_token_ids + [1] * prev.max_tokens
+            if p[:len(hist)] == hist:
+                turns += 1        # a follow-up: the previous prompt, its answer, then a new message
+                assert len(p) > len(hist) and 1 not in p[len(hist):]
+            else:
+                restarts += 1     # too long: a new conversation from a system prompt
+                assert len(hist) + len(p) - 16 > 300
+        last[s.session_id] = s
+    assert len(systems) == 2 and turns > len(specs) // 2

@@ -61,6 +61,33 @@ def trace_workload(path: str, *, rate: float | None = None, speedup: float | Non
     return out
 
 
+def multi_turn(specs: list[RequestSpec], rng: random.Random, new_token, *, sessions: int, prefixes: int,
+               prefix_len: int, max_prompt: int, answer_token: int = 1) -> list[RequestSpec]:
+    """Turn `specs` (arrival, user-message length, answer length) into chat conversations, in place.
+
+    Each request belongs to one of `sessions` clients, picked at random; a conversation opens with one
+    of `prefixes` shared system prompts of `prefix_len` tokens, and every turn's prompt is the
+    conversation so far plus a new user message, so a session's next prompt starts with its previous
+    one (the prefix cache can serve it). The answer joins the history as `max_tokens` copies of
+    `answer_token` (what the engine generates differs, so the cache match stops at the previous
+    prompt). A conversation that would pass `max_prompt` starts over. `new_token()` draws fresh ids.
+    """
+    if sessions < 1 or prefixes < 1 or prefix_len < 0:
+        raise ValueError("sessions and prefixes must be >= 1, prefix_len >= 0")
+    systems = [[new_token() for _ in range(prefix_len)] for _ in range(prefixes)]
+    convs: dict[int, list[int]] = {}
+    for s in specs:
+        sid = rng.randrange(sessions)
+        user = [new_token() for _ in range(s.prompt_len)]
+        conv = convs.get(sid)
+        if conv is None or len(conv) + len(user) > max_prompt:
+            conv = list(systems[rng.randrange(prefixes)])
+        prompt = (conv + user)[:max_prompt]
+        s.prompt_token_ids, s.prompt_len, s.session_id = prompt, len(prompt), f"s{sid}"
+        convs[sid] = prompt + [answer_token] * s.max_tokens
+    return specs
+
+
 def load_requests(path: str) -> list[RequestSpec]:
     out = []
     with open(path) as f:
