@@ -12,19 +12,16 @@ Runs, on the same workload, dispatch immediate-rr (vLLM's default) / immediate-l
 sbs with fcfs or sjf-with-aging order (see run()), and prints TTFT mean/P50/P99, TPOT, throughput and
 prefix-cache hits, with changes against the first run.
 
-Until scheduler/policy.py registers "immediate-gimbal" and SimConfig takes an order, this script
-(not the simulator) does both: it swaps the Simulator's global scheduler for an ImmediateGimbal and
-rebuilds each rank's BatchScheduler with the order key, before the run starts.
+The rank-local SJF variants rebuild each simulated rank's BatchScheduler with the order key before
+the run starts (the cache-aware key needs that rank's block manager).
 """
 import argparse
 import json
 import random
 import sys
 import time
-from dataclasses import replace
 
 from scheduler.batch import BatchScheduler
-from scheduler.dispatch import ImmediateGimbal
 from scheduler.ordering import make_order, prefix_hits
 from scheduler.sim import SimConfig, Simulator, length_sampler, make_cost_model, multi_turn, synthetic
 
@@ -77,16 +74,7 @@ def run(a, specs, dispatch, order_name, opts=None):
     if dispatch == "sbs":
         cfg.scheduler_options.setdefault("prefix_aware", True)
         cfg.scheduler_options["order"] = sjf().as_key() if order_name == "sjf-global" else "fcfs"
-    try:
-        sim = Simulator(cfg, dispatch, lambda n: make_cost_model(a.cost_model, n), specs)
-    except ValueError:
-        if dispatch != "immediate-gimbal":
-            raise
-        sim = Simulator(replace(cfg, scheduler_options={}), "immediate-rr",
-                        lambda n: make_cost_model(a.cost_model, n), specs)
-        sim.gs = ImmediateGimbal(a.dp, block_size=cfg.block_size, **cfg.scheduler_options)   # not registered yet
-        for inst in sim.instances:
-            inst.gs = sim.gs
+    sim = Simulator(cfg, dispatch, lambda n: make_cost_model(a.cost_model, n), specs)
     if order_name != "fcfs":
         for inst in sim.instances:
             for rank in inst.ranks:
