@@ -12,8 +12,8 @@ Runs, on the same workload, dispatch immediate-rr (vLLM's default) / immediate-l
 sbs with fcfs or sjf-with-aging order (see run()), and prints TTFT mean/P50/P99, TPOT, throughput and
 prefix-cache hits, with changes against the first run.
 
-The rank-local SJF variants rebuild each simulated rank's BatchScheduler with the order key before
-the run starts (the cache-aware key needs that rank's block manager).
+The rank-local SJF variants go through SimConfig.rank_order (the cache-aware key needs each rank's
+block manager).
 """
 import argparse
 import json
@@ -21,8 +21,7 @@ import random
 import sys
 import time
 
-from scheduler.batch import BatchScheduler
-from scheduler.ordering import make_order, prefix_hits
+from scheduler.ordering import make_order, rank_order
 from scheduler.sim import SimConfig, Simulator, length_sampler, make_cost_model, multi_turn, synthetic
 
 RUNS = ("immediate-rr:fcfs,immediate-rr:sjf,immediate-lb:fcfs,immediate-gimbal:fcfs,immediate-gimbal:sjf-blind,"
@@ -67,22 +66,16 @@ def run(a, specs, dispatch, order_name, opts=None):
     cannot see the ranks' caches, plus cache-aware rank queues)."""
     if order_name not in ("fcfs", "sjf", "sjf-blind", "sjf-global"):
         raise SystemExit(f"unknown order {order_name!r}")
-
-    def sjf(**kw):
-        return make_order("sjf", aging_rate=a.sjf_aging, decode_weight=a.sjf_decode_weight, **kw)
     cfg = SimConfig(ranks=a.dp, enable_prefix_caching=True, scheduler_options=dict(opts or {}))
     if dispatch == "sbs":
         cfg.scheduler_options.setdefault("prefix_aware", True)
-        cfg.scheduler_options["order"] = sjf().as_key() if order_name == "sjf-global" else "fcfs"
+        cfg.scheduler_options["order"] = (make_order("sjf", aging_rate=a.sjf_aging, decode_weight=a.sjf_decode_weight)
+                                          .as_key() if order_name == "sjf-global" else "fcfs")
+    if order_name != "fcfs":   # rank queues in SJF order; cache-aware unless blind
+        blind = {"cached": None} if order_name == "sjf-blind" else {}
+        cfg.rank_order = lambda bm: rank_order("sjf", bm, aging_rate=a.sjf_aging,
+                                               decode_weight=a.sjf_decode_weight, **blind)
     sim = Simulator(cfg, dispatch, lambda n: make_cost_model(a.cost_model, n), specs)
-    if order_name != "fcfs":
-        for inst in sim.instances:
-            for rank in inst.ranks:
-                s = rank.sched
-                cached = None if order_name == "sjf-blind" else prefix_hits(s.block_manager)
-                rank.sched = BatchScheduler(s.block_manager, max_num_seqs=s.max_num_seqs,
-                                            max_num_batched_tokens=s.max_num_batched_tokens,
-                                            max_model_len=s.max_model_len, order=sjf(cached=cached).as_key())
     hits = [0, 0]
     done = sim.rec.done
 
