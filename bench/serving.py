@@ -98,12 +98,13 @@ class Run:
         first = min(o.metrics.arrival_time for o in self.outputs)
         last = max(o.metrics.finish_time for o in done)
         tokens = sum(len(o.token_ids) for o in done)
+        prompt = sum(len(o.prompt_token_ids) for o in done)
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
         return {"ttft_mean_s": mean(ttft), "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
                 "tpot_mean_s": mean(tpot), "e2e_mean_s": mean([o.metrics.e2e for o in done]),
                 "held_mean_s": mean(held), "throughput_tok_s": tokens / (last - first),
-                "prompt_tok_s": sum(len(o.prompt_token_ids) for o in done) / (last - first),
-                "prefix_hit": sum(o.num_cached_tokens for o in done) / max(1, sum(len(o.prompt_token_ids) for o in done)),
+                "prompt_tok_s": prompt / (last - first),
+                "prefix_hit": sum(o.num_cached_tokens for o in done) / max(1, prompt),
                 "imbalance_mean": mean([s.imbalance for s in self.busy]),
                 "idle_fraction": mean([s.idle_fraction for s in self.busy]),
                 "steps": len(self.busy), "completed": len(done), "failed": len(self.outputs) - len(done)}
@@ -130,7 +131,7 @@ def serve(llm, specs, progress=True) -> Run:
             while i < len(specs) and specs[i].arrival_s <= now:
                 new.append(i)
                 i += 1
-            done = i == len(specs) and not eng.has_unfinished()
+            done = not new and i == len(specs) and not eng.has_unfinished()   # arrivals just read still run
         new, done = group.broadcast((new, done))
         if done:
             break

@@ -176,3 +176,15 @@ def test_request_order_options(tiny):
     assert outs["priority"][1][1] < outs["priority"][1][0]  # the urgent one first
     with pytest.raises(ValueError, match="order"):
         LLM(tiny, order="random")
+
+
+def test_serving_replay_runs_a_request_that_arrives_while_the_engine_is_idle(tiny):
+    # The replay loop sleeps while idle until the next arrival; the request read after that sleep
+    # (here the last one, long after the first has finished) must still be served.
+    from bench.serving import serve
+    from scheduler.sim.workload import RequestSpec
+    specs = [RequestSpec(0.0, 4, 2, prompt_token_ids=[5, 6, 7, 8]),
+             RequestSpec(0.3, 4, 2, prompt_token_ids=[9, 10, 11, 12])]
+    run = serve(LLM(tiny), specs, progress=False)
+    assert [len(o.token_ids) for o in run.outputs] == [2, 2]
+    assert run.summary()["completed"] == 2
