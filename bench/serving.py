@@ -116,14 +116,14 @@ def serve(llm, specs, progress=True) -> Run:
     eng = llm.engine
     group = eng.group
     bar = None
-    if progress and group.is_coordinator:
+    if progress and group.is_leader:
         from tqdm import tqdm
-        bar = tqdm(total=len(specs), desc=eng.cfg.scheduler, unit="req", file=sys.stderr)
+        bar = tqdm(total=len(specs), desc=llm.config.scheduler, unit="req", file=sys.stderr)
     t0 = group.broadcast(time.time())
     i, ids, finished = 0, [], 0
     while True:
         new, done = [], False
-        if group.is_coordinator:
+        if group.is_leader:
             now = time.time() - t0
             if not eng.has_unfinished() and i < len(specs) and specs[i].arrival_s > now:
                 time.sleep(specs[i].arrival_s - now)   # idle: wait for the next arrival

@@ -84,7 +84,7 @@ class DistGroup:
     def __init__(self, topo: Topology, pg=None, leader: int = 0, size: int | None = None):
         self.rank, self.pg, self.leader = topo.rank, pg, leader
         self.world_size = size or topo.world_size
-        self.is_coordinator = topo.rank == leader
+        self.is_leader = topo.rank == leader
 
     def _guard(self, what, fn):
         try:
@@ -94,7 +94,7 @@ class DistGroup:
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
     def gather(self, obj):
-        out = [None] * self.world_size if self.is_coordinator else None
+        out = [None] * self.world_size if self.is_leader else None
         self._guard("gather", lambda: dist.gather_object(obj, out, dst=self.leader, group=self.pg))
         return out
 

@@ -9,7 +9,7 @@ in the same order each step, which is what keeps ranks in lockstep.
 class LocalGroup:
     rank = 0
     world_size = 1
-    is_coordinator = True
+    is_leader = True
 
     def gather(self, obj):
         """Every rank's obj, on the coordinator (None elsewhere)."""

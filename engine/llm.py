@@ -71,28 +71,28 @@ class LLM:
             decode_ranks = topo.world_size - n_prefill * n
             worker.role = "prefill" if inst < n_prefill else "decode"
             worker.transfers = Transfers(cfg.step_timeout_s)
-        make_coord = lambda: Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size, decode_ranks)
-        self.engine = LLMEngine(worker, self._coordinator(make_coord, ranks, inst), group, ranks, inst)
+        coord = Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size, decode_ranks)
+        self.engine = self._engine(worker, coord, group, ranks, inst)
 
-    def _coordinator(self, make_coord, ranks, inst):
+    def _engine(self, worker, coord, group, ranks, inst) -> LLMEngine:
         """One instance: every rank keeps a Coordinator. Several: rank 0 hosts the global
         scheduler's server thread and each instance leader holds a channel to it."""
         cfg, topo = self.config, self.topology
         if cfg.instances == 1:
-            return make_coord()
+            return LLMEngine(worker, coord, group, ranks, inst)
         address = distributed.scheduler_address(cfg.scheduler_port)
         if topo.rank == 0:
-            self.server = CoordinatorServer(make_coord(), address, cfg.instances, cfg.step_timeout_s)
+            self.server = CoordinatorServer(coord, address, cfg.instances, cfg.step_timeout_s)
             self.server.start()
         distributed.barrier()
-        return RemoteCoordinator(address, inst, cfg.step_timeout_s) if topo.rank == ranks[0] else None
+        remote = RemoteCoordinator(address, inst, cfg.step_timeout_s) if topo.rank == ranks[0] else None
+        return LLMEngine(worker, self.server and self.server.coordinator, group, ranks, inst, several=True,
+                         remote=remote, lock=self.server and self.server.lock)
 
     @property
     def coordinator(self) -> Coordinator | None:
         """The request registry and global scheduler, where this process holds it."""
-        if self.server is not None:
-            return self.server.coordinator
-        return self.engine.coordinator if isinstance(self.engine.coordinator, Coordinator) else None
+        return self.engine.coordinator
 
     def rebalance_experts(self) -> None:
         """Re-place experts by the load seen so far, at the next step boundary (all ranks)."""
@@ -112,7 +112,7 @@ class LLM:
         if self.config.instances > 1:
             return self._generate_instances(prompts, params)
         eng = self.engine
-        ids, failed = _submit(eng.coordinator, prompts, params)
+        ids, failed = _submit(eng, prompts, params)
         bar = _progress(len(ids) - len(failed)) if use_tqdm else None
         for out in eng.stream():
             if bar is not None and out.finished:

@@ -1,50 +1,92 @@
-"""One instance's step loop over its DP ranks, planned by a coordinator.
+"""The lockstep loop: one instance's step over its DP ranks, planned by a coordinator.
 
 One step (ARCHITECTURE.md, "One step"): gather rank loads -> the coordinator plans which new
 requests each rank admits -> the plan is broadcast -> every rank runs one forward (an empty one if
 it has no work) -> tokens and step stats are gathered back to the coordinator. Every decision is
 made on the coordinator from gathered state, so ranks can never disagree about what to do.
+
+The online surface (add_request, abort, step, stream, has_unfinished, outputs, step_metrics,
+steps) is the same in every run mode; a rank that holds no coordinator says so.
 """
+import contextlib
 from collections.abc import Iterator
 
-from .coordinator import Coordinator, StepPlanMsg, StepRecord  # noqa: F401 (re-exported)
+from .coordinator import Coordinator, StepPlanMsg
 from .group import LocalGroup
 from .outputs import RequestOutput
+from .sampling import SamplingParams
 from .worker import RankWorker
 
 
 class LLMEngine:
-    """`coordinator`: a Coordinator (one instance: every rank keeps one, the leader's decides and
-    the others mirror its outputs), or on an instance leader an engine.instances.RemoteCoordinator
-    (several instances behind one global scheduler; other ranks then have none)."""
+    """`coordinator`: the request registry this process holds: one instance: every rank keeps a
+    Coordinator (the leader's decides, the others mirror its outputs); several instances: rank 0
+    holds the global scheduler's, guarded by `lock`, and the others none. `remote`: with several
+    instances, the leader's engine.instances.RemoteCoordinator, which plans its steps."""
 
-    def __init__(self, worker: RankWorker, coordinator, group=None, ranks=None, instance: int = 0):
+    def __init__(self, worker: RankWorker, coordinator: Coordinator | None, group=None, ranks=None,
+                 instance: int = 0, *, several: bool = False, remote=None, lock=None):
         self.worker, self.coordinator = worker, coordinator
+        self.single = not several   # one instance: `coordinator` plans its steps
+        self.planner = coordinator if self.single else remote
+        self.lock = lock or contextlib.nullcontext()
         self.group = group or LocalGroup()
         self.ranks = ranks or list(range(self.group.world_size))   # global ranks of this instance
         self.instance = instance
-        self.stopped = False   # the coordinator said there is nothing left (multi-instance)
+        self.stopped = False   # the coordinator said there is nothing left (several instances)
 
     @property
     def is_leader(self) -> bool:
-        return self.group.is_coordinator
+        return self.group.is_leader
 
-    def __getattr__(self, name):
-        # add_request, abort, outputs, steps, policy, cfg, step_metrics ... live on the coordinator
-        coord = self.__dict__.get("coordinator")
-        if coord is None:
-            raise AttributeError(name)
-        return getattr(coord, name)
+    def _registry(self) -> Coordinator:
+        if self.coordinator is None:
+            raise RuntimeError(f"rank {self.worker.rank} holds no coordinator: with several instances "
+                               "requests, aborts and outputs live on global rank 0")
+        return self.coordinator
+
+    # ---- requests and outputs ------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request (str or token ids) -> its id. ValueError for a request that cannot run."""
+        with self.lock:
+            return self._registry().add_request(prompt, params, request_id=request_id,
+                                                arrival_time=arrival_time)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (idempotent); its output finishes with finish_reason "abort"."""
+        with self.lock:
+            self._registry().abort(request_id)
+
+    @property
+    def outputs(self) -> dict[str, RequestOutput]:
+        return self._registry().outputs
+
+    @property
+    def steps(self) -> list:
+        return self._registry().steps
+
+    def step_metrics(self) -> dict:
+        with self.lock:
+            return self._registry().step_metrics()
+
+    def request_rebalance(self) -> None:
+        """EPLB at the next step boundary of every instance (a no-op on ranks without a
+        coordinator: under torchrun rank 0's call covers them)."""
+        if self.coordinator is not None:
+            with self.lock:
+                self.coordinator.request_rebalance()
 
     def has_unfinished(self) -> bool:
-        if isinstance(self.coordinator, Coordinator):
+        if self.single:
             return self.coordinator.has_unfinished()
         return not self.stopped
 
+    # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One lockstep step on every rank of this instance; returns the outputs that changed."""
         loads = self.group.gather(self.worker.load())
-        msg = self.coordinator.plan(loads, self.ranks, self.instance) if self.is_leader else None
+        msg = self.planner.plan(loads, self.ranks, self.instance) if self.is_leader else None
         msg: StepPlanMsg = self.group.broadcast(msg)
         for spec in msg.assignments.get(self.worker.rank, []):
             self.worker.add(spec)
@@ -60,10 +102,10 @@ class LLMEngine:
             self.worker.transfers.poll(wait=msg.stop)
         events, stats = self.worker.step()
         gathered = self.group.gather((events, stats))
-        changed = self.coordinator.collect(gathered, msg, self.ranks, self.instance) if self.is_leader else None
+        changed = self.planner.collect(gathered, msg, self.ranks, self.instance) if self.is_leader else None
         changed = self.group.broadcast(changed)
         self.stopped = msg.stop
-        if not self.is_leader and isinstance(self.coordinator, Coordinator):
+        if self.single and not self.is_leader:
             for out in changed:   # mirror the leader's view, so every rank returns full outputs
                 self.coordinator.outputs[out.request_id] = out
                 if out.finished:
