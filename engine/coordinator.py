@@ -115,8 +115,14 @@ class Coordinator:
         return rid
 
     def abort(self, request_id: str) -> None:
-        if request_id in self.unfinished:
-            self._aborts.append(request_id)
+        """Idempotent. A request still held by a global scheduler leaves it now (it never reaches a
+        rank); one released to a rank is stopped there. Either way its output finishes with
+        finish_reason "abort" at the next step boundary."""
+        if request_id not in self.unfinished or request_id in self._aborts:
+            return
+        if self.policy.remove(request_id) or (self.decode_policy and self.decode_policy.remove(request_id)):
+            self._specs.pop(request_id, None)
+        self._aborts.append(request_id)
 
     def request_rebalance(self) -> None:
         self._rebalance = True
@@ -129,15 +135,19 @@ class Coordinator:
         now = time.time()
         for r in ranks:
             self._instance_of[r] = instance
-        if ranks[0] >= self.prefill_ranks:
-            return self._plan_decode(now, loads)
-        plan = self.policy.plan(now, loads)
+        msg = self._plan_decode(now, loads) if ranks[0] >= self.prefill_ranks else self._plan_prefill(now, loads, ranks)
+        msg.aborts = [r for r in self._aborts if self._where.get(r, ranks[0]) in ranks]   # no rank: any boundary
+        self._aborts = [r for r in self._aborts if r not in msg.aborts]
         every = self.cfg.eplb_interval_steps
         due = bool(every) and len(self.steps) > 0 and len(self.steps) % every == 0
-        mine = [r for r in self._aborts if self._where.get(r) in ranks or r in self._specs]
-        msg = StepPlanMsg(aborts=mine, rebalance=self._rebalance or due)
-        self._aborts = [r for r in self._aborts if r not in mine]
+        msg.rebalance = self._rebalance or due
         self._rebalance = False
+        msg.stop = self.closed and not self.unfinished
+        return msg
+
+    def _plan_prefill(self, now, loads, ranks) -> StepPlanMsg:
+        plan = self.policy.plan(now, loads)
+        msg = StepPlanMsg()
         for rank, reqs in plan.assignments.items():
             for r in reqs:
                 m = self.outputs[r.request_id].metrics
@@ -147,14 +157,13 @@ class Coordinator:
         for r in ranks:
             if self._sends.get(r):
                 msg.sends[r] = self._sends.pop(r)
-        msg.stop = self.closed and not self.unfinished
         return msg
 
     def _plan_decode(self, now, loads) -> StepPlanMsg:
         """P/D: place prefilled requests on decode ranks; both ends of each KV move are told."""
         off = self.prefill_ranks
         plan = self.decode_policy.plan(now, [dataclasses.replace(ld, rank=ld.rank - off) for ld in loads])
-        msg = StepPlanMsg(stop=self.closed and not self.unfinished)
+        msg = StepPlanMsg()
         for local, reqs in plan.assignments.items():
             for r in reqs:
                 rid, dst, tag = r.request_id, local + off, next(self._tags)
@@ -171,8 +180,12 @@ class Coordinator:
         changed = {}
         for rid in msg.aborts:
             out = self.outputs[rid]
+            if out.finished:   # it finished on its own before the abort reached its rank
+                continue
             out.finish_reason, out.new_token_ids = "abort", []
+            out.metrics.finish_time = time.time()
             self.unfinished.discard(rid)
+            self._where.pop(rid, None)
             changed[rid] = out
         for events, _ in gathered:
             for ev in events:

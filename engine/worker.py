@@ -73,9 +73,15 @@ class RankWorker:
         self.live[spec.request_id] = (req, spec.params, detok)
 
     def abort(self, request_id: str) -> None:
-        if request_id in self.live:
-            self.scheduler.finish(self.live.pop(request_id)[0], "abort")
-            self.sampler.forget(request_id)
+        """Stop a request and free its KV blocks (a no-op for one this rank does not hold)."""
+        if request_id not in self.live:
+            return
+        req = self.live.pop(request_id)[0]
+        if req.is_finished or req in self.scheduler.running or req in self.scheduler.waiting:
+            self.scheduler.finish(req, "abort")
+        else:   # P/D: detached after its prefill, its KV not sent yet
+            self.scheduler.block_manager.free(req)
+        self.sampler.forget(request_id)
 
     def rebalance(self) -> dict | None:
         return self.balancer.rebalance() if self.balancer is not None else None

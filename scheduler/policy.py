@@ -72,6 +72,10 @@ class GlobalScheduler:
     def num_pending(self) -> int:
         raise NotImplementedError
 
+    def remove(self, request_id: str) -> bool:
+        """Forget a request not handed over yet (aborted): True if it was held here."""
+        raise NotImplementedError
+
     def drop_ranks(self, ranks) -> list[Request]:
         """Ranks that died: never plan for them again; returns requests pinned to them that were
         not handed over yet, for the caller to re-add."""
@@ -141,6 +145,15 @@ class _Immediate(GlobalScheduler):
 
     def num_pending(self) -> int:
         return sum(len(a) for a in self._assigned)
+
+    def remove(self, request_id: str) -> bool:
+        for rank, reqs in enumerate(self._assigned):
+            for r in reqs:
+                if r.request_id == request_id:
+                    reqs.remove(r)
+                    self._queued[rank] -= r.num_tokens
+                    return True
+        return False
 
     def drop_ranks(self, ranks) -> list[Request]:
         super().drop_ranks(ranks)
@@ -237,6 +250,13 @@ class AdpBalance(GlobalScheduler):
 
     def num_pending(self) -> int:
         return sum(len(b) for b in self.buffers)
+
+    def remove(self, request_id: str) -> bool:
+        for k, buffer in enumerate(self.buffers):
+            self.buffers[k] = [r for r in buffer if r.request_id != request_id]
+            if len(self.buffers[k]) < len(buffer):
+                return True
+        return False
 
 
 def make_global_scheduler(name: str, num_ranks: int, **options) -> GlobalScheduler:

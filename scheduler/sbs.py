@@ -67,6 +67,15 @@ class StaggeredBatchScheduler(GlobalScheduler):
     def num_pending(self) -> int:
         return len(self.buffer)
 
+    def remove(self, request_id: str) -> bool:
+        for r in self.buffer:
+            if r.request_id == request_id:
+                self.buffer.remove(r)
+                del self._since[id(r)]
+                self._chains.pop(id(r), None)
+                return True
+        return False
+
     def observe_step(self, now, step_time_s, per_rank_tokens, *, ranks=None, per_rank_context=None):
         super().observe_step(now, step_time_s, per_rank_tokens, ranks=ranks, per_rank_context=per_rank_context)
         if sum(per_rank_tokens) == 0:
