@@ -67,7 +67,9 @@ class Coordinator:
         self._where: dict[str, int] = {}      # request id -> rank it was released to
         self._instance_of: dict[int, int] = {}   # rank -> instance (filled as instances report)
         self._aborts: list[str] = []
-        self._rebalance = False
+        self._rebalances = 0                     # EPLB requests so far ...
+        self._rebalanced: dict[int, int] = {}    # ... and how many each instance has carried out
+        self._steps_of: dict[int, int] = {}      # instance -> steps it reported
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------------
@@ -125,7 +127,8 @@ class Coordinator:
         self._aborts.append(request_id)
 
     def request_rebalance(self) -> None:
-        self._rebalance = True
+        """Every instance re-places its experts at its next step boundary."""
+        self._rebalances += 1
 
     def has_unfinished(self) -> bool:
         return bool(self.unfinished)
@@ -138,10 +141,9 @@ class Coordinator:
         msg = self._plan_decode(now, loads) if ranks[0] >= self.prefill_ranks else self._plan_prefill(now, loads, ranks)
         msg.aborts = [r for r in self._aborts if self._where.get(r, ranks[0]) in ranks]   # no rank: any boundary
         self._aborts = [r for r in self._aborts if r not in msg.aborts]
-        every = self.cfg.eplb_interval_steps
-        due = bool(every) and len(self.steps) > 0 and len(self.steps) % every == 0
-        msg.rebalance = self._rebalance or due
-        self._rebalance = False
+        every, n = self.cfg.eplb_interval_steps, self._steps_of.get(instance, 0)
+        msg.rebalance = self._rebalanced.get(instance, 0) < self._rebalances or bool(every and n and n % every == 0)
+        self._rebalanced[instance] = self._rebalances
         msg.stop = self.closed and not self.unfinished
         return msg
 
@@ -206,6 +208,7 @@ class Coordinator:
         tokens = [s.num_tokens for s in stats]
         now = time.time()
         self.steps.append(StepRecord(now, tokens, step_time, instance))
+        self._steps_of[instance] = self._steps_of.get(instance, 0) + 1
         if ranks[0] >= self.prefill_ranks:
             self.decode_policy.observe_step(now, step_time, tokens, ranks=[r - self.prefill_ranks for r in ranks])
         else:

@@ -23,6 +23,9 @@ def generate(model_dir, spec_file, out_prefix):
         worker.step = dying_step
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
     outs = llm.generate(spec["prompts"], params)
+    if spec.get("rebalance"):   # every rank asks, as under torchrun; every instance must re-place
+        llm.rebalance_experts()
+        outs = llm.generate(spec["prompts"], params)
     steps = llm.coordinator.steps if llm.coordinator else []
     with open(f"{out_prefix}.{dist.get_rank()}.json", "w") as f:
         json.dump({"tokens": [o.token_ids for o in outs], "ranks": [o.metrics.rank for o in outs],

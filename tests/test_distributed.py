@@ -142,11 +142,14 @@ def test_two_instances_of_two_ranks(tmp_path, ckpt, scheduler):
     """4 processes: two DP=EP=2 instances behind one global scheduler."""
     model, ref = ckpt
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": 6, "options": dict(
-        scheduler=scheduler, kv_block_size=16, num_kv_blocks=32, instances=2)}))
+    spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": 6, "rebalance": scheduler == "sbs",
+                                "options": dict(scheduler=scheduler, kv_block_size=16, num_kv_blocks=32,
+                                                instances=2)}))
     p, _ = torchrun(["generate", model, str(spec), str(tmp_path / "out")], nproc=4)
     assert p.returncode == 0, p.stderr[-3000:]
     outs = load(tmp_path / "out", 4)
     assert all(o["tokens"] == ref for o in outs)
+    if scheduler == "sbs":   # LLM.rebalance_experts() between two runs: every instance re-placed
+        assert all(len(o["eplb"]) == 1 for o in outs)
     if scheduler == "immediate-rr":
         assert len(set(outs[0]["ranks"])) == 4   # round robin over all four ranks
