@@ -25,6 +25,7 @@ class StepPlanMsg:
     aborts: list[str] = field(default_factory=list)
     rebalance: bool = False   # re-place experts (EPLB) before this step
     stop: bool = False        # nothing left to do: leave the step loop
+    run: bool = True          # some rank has work: every rank runs a forward (else none does)
     sends: dict[int, list[Send]] = field(default_factory=dict)   # P/D: KV to send, per prefill rank
     recvs: dict[int, list[Recv]] = field(default_factory=dict)   # P/D: KV to receive, per decode rank
 
@@ -204,6 +205,8 @@ class Coordinator:
                         ev.request_id, out.prompt_token_ids, p.max_tokens, arrival_time=out.metrics.arrival_time,
                         priority=p.priority, session_id=p.session_id, output_token_ids=[ev.token_id]), time.time())
         stats = [s for _, s in gathered]
+        if not stats:   # no step ran (only aborts to report)
+            return list(changed.values())
         step_time = max(s.step_time_s for s in stats)
         tokens = [s.num_tokens for s in stats]
         now = time.time()

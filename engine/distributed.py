@@ -1,8 +1,10 @@
 """torch.distributed plumbing for DP attention + EP experts: topology from torchrun, the object
 channel the coordinator uses each step, and bounded waits.
 
-Gloo on CPU, NCCL on CUDA. Every collective has the process group's timeout, so a rank that dies
-or stalls brings the others down with an error instead of a hang.
+Gloo on CPU, NCCL on CUDA. Plans, loads, outputs and start-up agreements are the control plane:
+CPU objects that travel over a gloo group (beside NCCL, created here; on CPU the main groups serve),
+so NCCL carries only the data plane. Every collective has the process group's timeout, so a rank
+that dies or stalls brings the others down with an error instead of a hang.
 """
 import datetime
 import os
@@ -36,7 +38,18 @@ def init(device: torch.device, timeout_s: float) -> Topology:
         if device.type == "cuda":
             torch.cuda.set_device(topo.local_rank)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        global _CONTROL
+        _CONTROL = control_group(list(range(topo.world_size)), None)
     return topo
+
+
+_CONTROL = None   # the world's control-plane group (None: the default group, already gloo)
+
+
+def control_group(ranks: list[int], main):
+    """The control plane's group over `ranks`, beside the data-plane group `main`: `main` itself
+    under gloo, a new gloo group under NCCL (every rank must call this, in the same order)."""
+    return main if dist.get_backend() == "gloo" else dist.new_group(ranks, backend="gloo")
 
 
 def device_for(topo: Topology, device) -> torch.device:
@@ -55,19 +68,19 @@ def new_group(ranks: list[int]):
 
 
 def barrier() -> None:
-    dist.barrier()
+    dist.barrier(group=_CONTROL)
 
 
 def agree_min(value: int) -> int:
     """The smallest `value` over the whole world (every rank must call this)."""
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_CONTROL)
     return int(t.item())
 
 
 def broadcast_from_rank0(obj):
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_CONTROL)
     return box[0]
 
 
@@ -79,10 +92,10 @@ def scheduler_address(port: int | None):
 
 class DistGroup:
     """The leader's channel to the DP ranks of one instance (same calls as engine.group.LocalGroup).
-    `pg`: the instance's process group (None: the whole world); `leader`: its first global rank."""
+    `pg`: the instance's control-plane group (None: the whole world's); `leader`: its first rank."""
 
     def __init__(self, topo: Topology, pg=None, leader: int = 0, size: int | None = None):
-        self.rank, self.pg, self.leader = topo.rank, pg, leader
+        self.rank, self.pg, self.leader = topo.rank, pg if pg is not None else _CONTROL, leader
         self.world_size = size or topo.world_size
         self.is_leader = topo.rank == leader
 

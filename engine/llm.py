@@ -159,9 +159,11 @@ def _join_world(cfg, topo, device):
     layout = instance_ranks(topo.world_size, cfg.instances)
     inst = topo.rank // len(layout[0])
     pgs = [distributed.new_group(r) for r in layout]   # every rank creates every group
-    pg = pgs[inst] if cfg.instances > 1 else None
     ranks = layout[inst]
-    return ranks, inst, pg, distributed.DistGroup(topo, pg, leader=ranks[0], size=len(ranks))
+    if cfg.instances == 1:   # the whole world: the default group and the world's control group
+        return ranks, inst, None, distributed.DistGroup(topo, None, ranks[0], len(ranks))
+    ctl = [distributed.control_group(r, pg) for r, pg in zip(layout, pgs)]
+    return ranks, inst, pgs[inst], distributed.DistGroup(topo, ctl[inst], ranks[0], len(ranks))
 
 
 def _submit(coordinator, prompts, params):

@@ -34,6 +34,8 @@ class LLMEngine:
         self.ranks = ranks or list(range(self.group.world_size))   # global ranks of this instance
         self.instance = instance
         self.stopped = False   # the coordinator said there is nothing left (several instances)
+        self._last: StepPlanMsg | None = None   # the plan of the step in flight
+        self._produced = None                   # (token events, stats) of that step, not yet reported
 
     @property
     def is_leader(self) -> bool:
@@ -84,10 +86,17 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One lockstep step on every rank of this instance; returns the outputs that changed."""
-        loads = self.group.gather(self.worker.load())
-        msg = self.planner.plan(loads, self.ranks, self.instance) if self.is_leader else None
-        msg: StepPlanMsg = self.group.broadcast(msg)
+        """One lockstep step on every rank of this instance; returns the outputs that changed.
+
+        Two control-plane exchanges per step: gather (this step's load, what the previous step
+        produced), then broadcast (the plan, the outputs that changed). Outputs therefore show a
+        step's tokens at the next boundary; the scheduler sees its calls in the same order as ever
+        (collect step N-1, plan step N). When no rank has work the plan says so and nobody runs a
+        forward, so the exchange that delivers the last tokens leaves nothing behind."""
+        gathered = self.group.gather((self.worker.load(), self._produced))
+        box = self._boundary(gathered) if self.is_leader else None
+        msg, changed = self.group.broadcast(box)
+        self._last = msg
         for spec in msg.assignments.get(self.worker.rank, []):
             self.worker.add(spec)
         for rid in msg.aborts:
@@ -100,10 +109,7 @@ class LLMEngine:
             for recv in msg.recvs.get(self.worker.rank, []):
                 self.worker.recv_kv(recv)
             self.worker.transfers.poll(wait=msg.stop)
-        events, stats = self.worker.step()
-        gathered = self.group.gather((events, stats))
-        changed = self.planner.collect(gathered, msg, self.ranks, self.instance) if self.is_leader else None
-        changed = self.group.broadcast(changed)
+        self._produced = self.worker.step() if msg.run else None
         self.stopped = msg.stop
         if self.single and not self.is_leader:
             for out in changed:   # mirror the leader's view, so every rank returns full outputs
@@ -111,6 +117,18 @@ class LLMEngine:
                 if out.finished:
                     self.coordinator.unfinished.discard(out.request_id)
         return changed
+
+    def _boundary(self, gathered) -> tuple[StepPlanMsg, list[RequestOutput]]:
+        """The leader: take back the previous step, then plan this one."""
+        produced = [p for _, p in gathered if p is not None]
+        changed = []
+        if self._last is not None and (produced or self._last.aborts):
+            changed = self.planner.collect(produced, self._last, self.ranks, self.instance)
+        loads = [ld for ld, _ in gathered]
+        msg = self.planner.plan(loads, self.ranks, self.instance)
+        msg.run = bool(msg.assignments or msg.sends or msg.recvs) or any(ld.num_running or ld.num_waiting
+                                                                          for ld in loads)
+        return msg, changed
 
     def stream(self) -> Iterator[RequestOutput]:
         """Step until every queued request is done, yielding outputs as they change; callers may

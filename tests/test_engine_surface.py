@@ -84,7 +84,7 @@ def test_abort_of_a_buffered_request_in_the_engine(tiny):
     eng = llm.engine
     rid = eng.add_request([5, 6, 7], SP)
     eng.abort(rid)
-    changed = eng.step()
+    changed = list(eng.stream())
     assert [o.finish_reason for o in changed if o.request_id == rid] == ["abort"]
     assert eng.outputs[rid].token_ids == [] and rid not in eng.worker.live
     assert not eng.has_unfinished()
