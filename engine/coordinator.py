@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from scheduler.load import RankLoad
-from scheduler.policy import make_global_scheduler
+from scheduler.registry import make_global_scheduler
 from scheduler.request import Request
 from .outputs import RequestMetrics, RequestOutput
 from .pd import Recv, Send

@@ -116,6 +116,31 @@ def rank_slots(loads, cost: StepCostModel, watermark: float = 0.01) -> list[Rank
     return slots
 
 
+def take(s: RankSlot, tokens: int, blocks: int, cost: float = 0.0) -> None:
+    """Book one more sequence on `s` for its next step: `tokens` of its budget, `blocks` of KV."""
+    s.seqs, s.running, s.fill = s.seqs - 1, s.running + 1, s.fill + cost
+    s.tokens, s.blocks = s.tokens - tokens, s.blocks - blocks
+    s.kv_usage += blocks / max(1, s.total_blocks)
+
+
+def place_in_order(requests, place, strict: int = 0):
+    """Requests in priority order, each to the rank `place(req)` names (None: fits nowhere now; it
+    stays, and the ones behind it may still go), except that the first `strict` (aged) requests are
+    a strict head of line: when one of them fits nowhere, nothing behind it is placed.
+    Returns ({rank: [requests]}, [unassigned])."""
+    out, left = {}, []
+    for i, req in enumerate(requests):
+        rank = place(req)
+        if rank is None and i < strict:
+            left.extend(requests[i:])
+            break
+        if rank is None:
+            left.append(req)
+        else:
+            out.setdefault(rank, []).append(req)
+    return out, left
+
+
 # ---- prefill: water-filling -----------------------------------------------------------------------
 def water_fill(requests, slots: list[RankSlot], cost: StepCostModel, block_size: int,
                hits=lambda req, rank: 0, strict: int = 0, lpt: bool = False):
@@ -132,20 +157,8 @@ def water_fill(requests, slots: list[RankSlot], cost: StepCostModel, block_size:
     placement fits too. Mutates `slots`. Returns ({rank: [requests]}, [unassigned]).
     """
     base = [replace(s) for s in slots] if lpt else None
-    out: dict[int, list] = {}
-    left = []
     pool = [s for s in slots if not s.excluded] or slots
-    for i, req in enumerate(requests):
-        if not any(s.seqs > 0 and s.tokens > 0 for s in pool):
-            left.extend(requests[i:])   # every rank's next step is full: the rest waits in the buffer
-            break
-        s = _place(req, pool, cost, block_size, hits)
-        if s is None:
-            left.extend(requests[i:] if i < strict else [req])
-            if i < strict:
-                break
-            continue
-        out.setdefault(s.rank, []).append(req)
+    out, left = place_in_order(requests, lambda req: _place(req, pool, cost, block_size, hits), strict)
     if lpt and sum(len(v) for v in out.values()) > 1:
         chosen = sorted((r for v in out.values() for r in v), key=lambda r: -r.num_tokens)
         again, miss = water_fill(chosen, base, cost, block_size, hits)
@@ -156,7 +169,7 @@ def water_fill(requests, slots: list[RankSlot], cost: StepCostModel, block_size:
     return out, left
 
 
-def _place(req, pool, cost, block_size, hits):
+def _place(req, pool, cost, block_size, hits) -> int | None:
     n = req.num_tokens
     best, best_key = None, None
     for s in pool:
@@ -169,15 +182,11 @@ def _place(req, pool, cost, block_size, hits):
         inc = cost.marginal(n - h, attention_pairs(n - h, h))
         key = (s.fill + inc, s.running, s.kv_usage, s.rank)
         if best_key is None or key < best_key:
-            best, best_key, best_inc, best_h, best_need = s, key, inc, h, need
-    if best is not None:
-        best.fill += best_inc
-        best.seqs -= 1
-        best.running += 1
-        best.tokens -= n - best_h
-        best.blocks -= best_need
-        best.kv_usage += best_need / max(1, best.total_blocks)
-    return best
+            best, best_key, best_take = s, key, (n - h, need, inc)
+    if best is None:
+        return None
+    take(best, *best_take)
+    return best.rank
 
 
 # ---- decode: IQR exclusion, then fewest sequences, then lowest KV use ----------------------------------

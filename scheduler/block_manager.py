@@ -5,17 +5,15 @@ table into slots (`block_table[p // block_size] * block_size + p % block_size`);
 never touches tensors at all.
 
 Prefix caching: every FULL block whose KV has been computed gets a hash chained over the whole
-prefix, hash((parent_hash, tuple(tokens))), so equal hashes mean equal prefixes, not just equal
-blocks. Blocks are reference counted so several requests share one cached block. A block whose
+prefix (scheduler/prefix.py), so equal hashes mean equal prefixes, not just equal blocks. Blocks are reference counted so several requests share one cached block. A block whose
 count drops to zero keeps its hash and waits in an LRU pool; it is evicted (hash dropped) only
 when a fresh block is needed and no never-hashed block is left.
 """
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from scheduler.prefix import ROOT_HASH, hashed_blocks
 from scheduler.request import Request
-
-_ROOT_HASH = -1   # parent of a sequence's first block (an int: hash(None) varies between processes)
 
 
 def slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -72,13 +70,9 @@ class BlockManager:
         assert not req.block_table and req.num_computed_tokens == 0, "allocate_prefix on a fresh request only"
         hits = 0
         if self.enable_prefix_caching:
-            tokens = req.all_token_ids
-            parent = _ROOT_HASH
             # Stop one token short of the end: the model must compute >= 1 token to produce logits.
-            for i in range((len(tokens) - 1) // self.block_size):
-                chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
-                parent = hash((parent, chunk))
-                block_id = self.hash_to_block.get(parent)
+            for chunk, h in hashed_blocks(req.all_token_ids, self.block_size):
+                block_id = self.hash_to_block.get(h)
                 if block_id is None or self.blocks[block_id].token_ids != chunk:
                     break
                 self._ref(block_id)
@@ -106,12 +100,11 @@ class BlockManager:
             first -= 1
         if first == num_full:
             return
-        parent = self.blocks[req.block_table[first - 1]].hash if first else _ROOT_HASH
-        tokens = req.all_token_ids
-        for i in range(first, num_full):
+        parent = self.blocks[req.block_table[first - 1]].hash if first else ROOT_HASH
+        new = hashed_blocks(req.all_token_ids, self.block_size, num_full, first, parent)
+        for i, (chunk, h) in enumerate(new, first):
             block = self.blocks[req.block_table[i]]
-            block.token_ids = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
-            block.hash = parent = hash((parent, block.token_ids))
+            block.token_ids, block.hash = chunk, h
             # Two requests may have computed the same prefix concurrently: the first one stays
             # the cached copy; this duplicate keeps its hash only to chain its own successors.
             self.hash_to_block.setdefault(block.hash, block.block_id)

@@ -48,7 +48,7 @@ and 3 are for the server model (there, time = service time of the work).
 """
 from collections import OrderedDict, deque
 
-from scheduler.block_manager import _ROOT_HASH
+from scheduler.prefix import hashed_blocks
 from scheduler.request import Request
 
 
@@ -146,14 +146,13 @@ def prefix_hits(block_manager):
     def hits(req: Request) -> int:
         if not bm.enable_prefix_caching:
             return 0
-        toks, parent, bs = req.all_token_ids, _ROOT_HASH, bm.block_size
-        for i in range((len(toks) - 1) // bs):
-            chunk = tuple(toks[i * bs:(i + 1) * bs])
-            parent = hash((parent, chunk))
-            b = bm.hash_to_block.get(parent)
+        n = 0
+        for chunk, h in hashed_blocks(req.all_token_ids, bm.block_size):
+            b = bm.hash_to_block.get(h)
             if b is None or bm.blocks[b].token_ids != chunk:
-                return i * bs
-        return (len(toks) - 1) // bs * bs
+                break
+            n += bm.block_size
+        return n
     return hits
 
 

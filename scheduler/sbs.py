@@ -27,12 +27,12 @@ then lowest KV use), among ranks with a slot and KV blocks for the transferred c
 """
 from collections import OrderedDict, deque
 
-from scheduler.allocation import StepCostModel, iqr_outliers, rank_slots, water_fill, choose_decode_rank
+from scheduler.allocation import StepCostModel, choose_decode_rank, iqr_outliers, place_in_order, rank_slots, take
+from scheduler.allocation import water_fill
+from scheduler.base import GlobalScheduler, StepPlan, order_key
 from scheduler.load import RankLoad
-from scheduler.policy import GlobalScheduler, StepPlan, order_key
+from scheduler.prefix import block_hashes
 from scheduler.request import Request
-
-_ROOT = -1
 
 
 class StaggeredBatchScheduler(GlobalScheduler):
@@ -53,15 +53,15 @@ class StaggeredBatchScheduler(GlobalScheduler):
         self.prefix_aware, self.adaptive, self.lpt = prefix_aware, adaptive, lpt
         self.cost = StepCostModel(prior=cost_prior)
         self.buffer: list[Request] = []
-        self._since: dict[int, float] = {}                       # id(req) -> time buffered
+        self._since: dict[str, float] = {}                       # request id -> time buffered
         self._arrivals: deque = deque(maxlen=max(2, rate_window))  # (time, tokens)
-        self._chains: dict[int, list[int]] = {}                  # id(req) -> prompt block hashes
+        self._chains: dict[str, list[int]] = {}                  # request id -> prompt block hashes
         self._cached: dict[int, OrderedDict] = {}                # rank -> hashes it likely holds
 
     # ---- interface ---------------------------------------------------------------------------
     def add_request(self, req: Request, now: float) -> None:
         self.buffer.append(req)
-        self._since[id(req)] = now
+        self._since[req.request_id] = now
         self._arrivals.append((now, req.num_tokens))
 
     def num_pending(self) -> int:
@@ -71,8 +71,8 @@ class StaggeredBatchScheduler(GlobalScheduler):
         for r in self.buffer:
             if r.request_id == request_id:
                 self.buffer.remove(r)
-                del self._since[id(r)]
-                self._chains.pop(id(r), None)
+                del self._since[request_id]
+                self._chains.pop(request_id, None)
                 return True
         return False
 
@@ -85,7 +85,7 @@ class StaggeredBatchScheduler(GlobalScheduler):
         self.cost.observe(step_time_s, per_rank_tokens[i], ctx[i])
 
     def plan(self, now: float, loads: list[RankLoad]) -> StepPlan:
-        self._check_loads(loads)
+        self.record_loads(loads)
         if not self.buffer or not loads:
             return StepPlan()
         bs = loads[0].block_size
@@ -95,11 +95,10 @@ class StaggeredBatchScheduler(GlobalScheduler):
         # Aging: whoever waited max_wait_s goes to the head of the line (oldest first) and is not
         # bypassed by younger work, so nothing starves behind a stream of better-ranked requests.
         order = sorted(self.buffer, key=self.key) if self.key else list(self.buffer)
-        aged = sorted((r for r in order if now - self._since[id(r)] >= self.max_wait_s),
-                      key=lambda r: self._since[id(r)])
+        aged = sorted((r for r in order if now - self._since[r.request_id] >= self.max_wait_s),
+                      key=lambda r: self._since[r.request_id])
         if aged:
-            ids = {id(r) for r in aged}
-            order = aged + [r for r in order if id(r) not in ids]
+            order = aged + [r for r in order if now - self._since[r.request_id] < self.max_wait_s]
         # A prompt no rank could ever hold is handed over at once: the rank rejects it with a reason.
         most = max(s.total_blocks for s in slots)
         doomed = [r for r in order if -(-(r.num_tokens + 1) // bs) > most]
@@ -117,15 +116,15 @@ class StaggeredBatchScheduler(GlobalScheduler):
             out.setdefault(rank, []).extend(reqs)
         if not out:
             return StepPlan()
-        assigned = {id(r) for v in out.values() for r in v}
-        self.buffer = [r for r in self.buffer if id(r) not in assigned]
+        assigned = {r.request_id for v in out.values() for r in v}
+        self.buffer = [r for r in self.buffer if r.request_id not in assigned]
         for rank, reqs in out.items():
             for r in reqs:
-                del self._since[id(r)]
+                del self._since[r.request_id]
                 if self.prefix_aware and self.role == "prefill":
                     self._remember(rank, self._chain(r, bs), self.loads[rank])
-                self._chains.pop(id(r), None)
-        return self._hand_over(out)
+                self._chains.pop(r.request_id, None)
+        return self.hand_over(out)
 
     # ---- release decision --------------------------------------------------------------------
     def hold_bound(self, ranks) -> float:
@@ -161,31 +160,19 @@ class StaggeredBatchScheduler(GlobalScheduler):
 
     # ---- decode placement --------------------------------------------------------------------
     def _decode_fill(self, order, slots, block_size, strict=0):
-        out, left = {}, []
-        for i, req in enumerate(order):
+        def place(req):
             need = -(-(req.num_tokens + 1) // block_size)
             s = choose_decode_rank(slots, need)
-            if s is None:
-                left.extend(order[i:] if i < strict else [req])
-                if i < strict:
-                    break
-                continue
-            s.seqs -= 1
-            s.running += 1
-            s.blocks -= need
-            s.kv_usage += need / max(1, s.total_blocks)
-            out.setdefault(s.rank, []).append(req)
-        return out, left
+            if s is not None:
+                take(s, 0, need)
+            return None if s is None else s.rank
+        return place_in_order(order, place, strict)
 
     # ---- prefix-cache estimate ---------------------------------------------------------------
     def _chain(self, req: Request, block_size: int) -> list[int]:
-        chain = self._chains.get(id(req))
+        chain = self._chains.get(req.request_id)
         if chain is None:
-            chain, parent, toks = [], _ROOT, req.prompt_token_ids
-            for i in range((len(toks) - 1) // block_size):
-                parent = hash((parent, tuple(toks[i * block_size:(i + 1) * block_size])))
-                chain.append(parent)
-            self._chains[id(req)] = chain
+            chain = self._chains[req.request_id] = block_hashes(req.prompt_token_ids, block_size)
         return chain
 
     def _hits(self, req: Request, rank: int) -> int:

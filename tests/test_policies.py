@@ -5,7 +5,8 @@ import pytest
 
 from scheduler.allocation import StepCostModel, choose_decode_rank, iqr_outliers, rank_slots
 from scheduler.load import RankLoad
-from scheduler.policy import StepPlan, make_global_scheduler
+from scheduler.base import StepPlan
+from scheduler.registry import make_global_scheduler
 from scheduler.request import Request
 
 NAMES = ["immediate-rr", "immediate-lb", "sbs", "adp-balance", "immediate-gimbal"]

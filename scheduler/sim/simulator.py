@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from scheduler.batch import BatchScheduler
 from scheduler.block_manager import BlockManager
-from scheduler.policy import make_global_scheduler
+from scheduler.registry import make_global_scheduler
 from scheduler.request import Request, RequestStatus
 from scheduler.sim.cost import RankWork, RooflineCost
 from scheduler.sim.metrics import Recorder

@@ -1,4 +1,5 @@
-"""Engine-level DP dispatch after Gimbal (arXiv 2602.21626, see FACTS.md), made parametric.
+"""Request routing after Gimbal (arXiv 2602.21626, see FACTS.md), made parametric: which DP rank a
+request goes to when it arrives (not the expert all-to-all, which engine/ep.py calls dispatch).
 
 choose_rank(req, candidates, state, params), in this order:
   1. skip ranks whose KV use is >= kv_high (all of them full: the least full one);
@@ -14,22 +15,19 @@ id; nothing is random, so every rank that replays the same calls agrees.
 The caller passes candidates that already include work it sent since their last report
 (optimistic accounting, see `with_pending`); `state` remembers sessions and prompt prefixes and is
 updated by `state.record(req, rank)` once the caller commits to the choice, so choose_rank itself
-has no side effect. `gimbal_fill` runs it over a batch of requests with SBS's per-rank capacity
-(RankSlot), as a drop-in for water_fill.
+has no side effect.
 """
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from scheduler.allocation import RankSlot
+from scheduler.baselines import Immediate
 from scheduler.load import RankLoad
-from scheduler.policy import _Immediate
+from scheduler.prefix import block_hashes
 from scheduler.request import Request
-
-_ROOT = -1
 
 
 @dataclass
-class DispatchParams:
+class RoutingParams:
     kv_high: float = 0.9             # KV use at or above which a rank takes no new work
     sticky_gap_tokens: int = 3000    # stickiness / affinity yield when the rank is this far above the minimum
     kv_gap: float = 0.10             # KV use spread above which KV use decides
@@ -40,19 +38,7 @@ class DispatchParams:
     prefix_affinity: bool = True
 
 
-def prefix_chain(tokens: list[int], block_size: int, max_blocks: int | None = None) -> list[int]:
-    """Hash chain of the leading full blocks (each hash covers all blocks before it). Only blocks
-    before the last token count: the last token is always computed, as in the block manager. Python
-    hashes tuples of ints the same way in every process, so ranks agree."""
-    chain, parent = [], _ROOT
-    n = (len(tokens) - 1) // block_size
-    for i in range(n if max_blocks is None else min(max_blocks, n)):
-        parent = hash((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
-        chain.append(parent)
-    return chain
-
-
-class DispatchState:
+class RoutingState:
     """Sticky rank per session and last rank per prefix hash, both LRU-bounded."""
 
     def __init__(self, max_entries: int = 1 << 18):
@@ -66,11 +52,11 @@ class DispatchState:
         if len(table) > self.max_entries:
             table.popitem(last=False)
 
-    def record(self, req: Request, rank: int, block_size: int, params: DispatchParams | None = None) -> None:
-        p = params or DispatchParams()
+    def record(self, req: Request, rank: int, block_size: int, params: RoutingParams | None = None) -> None:
+        p = params or RoutingParams()
         if req.session_id is not None:
             self._put(self.sessions, req.session_id, rank)
-        for h in prefix_chain(req.prompt_token_ids, p.block_size or block_size, p.prefix_blocks):
+        for h in block_hashes(req.prompt_token_ids, p.block_size or block_size, p.prefix_blocks):
             self._put(self.prefixes, h, rank)
 
     def hits(self, chain: list[int], rank: int, block_size: int) -> int:
@@ -98,13 +84,13 @@ def with_pending(load: RankLoad, tokens: int) -> RankLoad:
                    free_kv_blocks=load.free_kv_blocks - blocks)
 
 
-def choose_rank(req: Request, candidates: list[RankLoad], state: DispatchState,
-                params: DispatchParams | None = None) -> int:
+def choose_rank(req: Request, candidates: list[RankLoad], state: RoutingState,
+                params: RoutingParams | None = None) -> int:
     if not candidates:
         raise ValueError("choose_rank needs at least one candidate rank")
-    p = params or DispatchParams()
+    p = params or RoutingParams()
     bs = p.block_size or candidates[0].block_size
-    chain = prefix_chain(req.prompt_token_ids, bs, p.prefix_blocks) if p.prefix_affinity else []
+    chain = block_hashes(req.prompt_token_ids, bs, p.prefix_blocks) if p.prefix_affinity else []
     n = req.num_tokens
     score = {c.rank: c.waiting_prefill_tokens + n - min(state.hits(chain, c.rank, bs), n - 1) for c in candidates}
     kv = {c.rank: c.kv_usage for c in candidates}
@@ -124,43 +110,13 @@ def choose_rank(req: Request, candidates: list[RankLoad], state: DispatchState,
     return min(pool, key=lambda r: (score[r], kv[r], r))
 
 
-def gimbal_fill(requests, slots: list[RankSlot], loads: dict[int, RankLoad], state: DispatchState,
-                params: DispatchParams | None = None, pending=None, strict: int = 0):
-    """water_fill's drop-in for SBS: requests (in priority order) to ranks that can start them next
-    step, each placed by choose_rank among those ranks. `loads`: last report per rank; `pending`:
-    tokens sent to each rank since it (indexable by rank). A request that fits nowhere stays; the
-    first `strict` (aged) ones block everything behind them. Mutates slots and state.
-    Returns ({rank: [requests]}, [unassigned])."""
-    p = params or DispatchParams()
-    out, left, extra = {}, [], {s.rank: 0 for s in slots}
-    pool = [s for s in slots if not s.excluded] or slots
-    for i, req in enumerate(requests):
-        bs = loads[pool[0].rank].block_size
-        need = -(-(req.num_tokens + 1) // bs)
-        ok = {s.rank: s for s in pool if s.seqs > 0 and s.tokens > 0 and s.blocks >= need}
-        if not ok:
-            left.extend(requests[i:] if i < strict else [req])
-            if i < strict:
-                break
-            continue
-        cands = [with_pending(loads[r], (pending[r] if pending is not None else 0) + extra[r]) for r in ok]
-        r = choose_rank(req, cands, state, p)
-        state.record(req, r, bs, p)
-        s = ok[r]
-        s.seqs, s.tokens, s.blocks, s.running = s.seqs - 1, s.tokens - req.num_tokens, s.blocks - need, s.running + 1
-        s.kv_usage += need / max(1, s.total_blocks)
-        extra[r] += req.num_tokens
-        out.setdefault(r, []).append(req)
-    return out, left
-
-
 def _blank(rank: int, block_size: int) -> RankLoad:
     """A rank that has not reported yet counts as empty."""
     return RankLoad(rank, 0, 0, 0, 0, free_kv_blocks=1, total_kv_blocks=1, block_size=block_size,
                     max_num_seqs=1, max_num_batched_tokens=1)
 
 
-class ImmediateGimbal(_Immediate):
+class ImmediateGimbal(Immediate):
     """Assign on arrival by choose_rank over all ranks' last reports plus what was sent or assigned
     to them since (optimistic); the request then waits in that rank's local queue."""
     name = "immediate-gimbal"
@@ -168,20 +124,19 @@ class ImmediateGimbal(_Immediate):
     def __init__(self, num_ranks: int, role: str = "prefill", block_size: int = 64, **params):
         super().__init__(num_ranks, role)
         try:
-            self.params = DispatchParams(**params)
+            self.params = RoutingParams(**params)
         except TypeError as e:
-            raise TypeError(f"unknown dispatch option: {e}") from None
+            raise TypeError(f"unknown dispatch option (request routing): {e}") from None
         self.block_size = block_size   # until a report says otherwise
-        self.state = DispatchState()
+        self.state = RoutingState()
 
     def pick(self, req: Request) -> int:
         bs = next(iter(self.loads.values())).block_size if self.loads else self.block_size
-        cands = [with_pending(self.loads.get(r) or _blank(r, bs), self._sent[r] + self._queued[r])
+        cands = [with_pending(self.loads.get(r) or _blank(r, bs), self.sent[r] + self.queued[r])
                  for r in range(self.num_ranks)]
         rank = choose_rank(req, cands, self.state, self.params)
         self.state.record(req, rank, bs, self.params)
         return rank
 
 
-__all__ = ["DispatchParams", "DispatchState", "ImmediateGimbal", "choose_rank", "gimbal_fill", "prefix_chain",
-           "with_pending"]
+__all__ = ["RoutingParams", "RoutingState", "ImmediateGimbal", "choose_rank", "with_pending"]
