@@ -11,23 +11,10 @@ from dataclasses import dataclass, field
 
 from scheduler.load import RankLoad
 from scheduler.registry import make_global_scheduler
-from scheduler.request import Request
+from scheduler.request import check_request
+from .messages import Recv, RequestSpec, Send, StepPlanMsg, StepStats, TokenEvent
 from .outputs import RequestMetrics, RequestOutput
-from .pd import Recv, Send
 from .sampling import SamplingParams
-from .worker import RequestSpec, StepStats, TokenEvent
-
-
-@dataclass
-class StepPlanMsg:
-    """Broadcast to every rank of an instance at a step boundary (keys: global ranks)."""
-    assignments: dict[int, list[RequestSpec]] = field(default_factory=dict)
-    aborts: list[str] = field(default_factory=list)
-    rebalance: bool = False   # re-place experts (EPLB) before this step
-    stop: bool = False        # nothing left to do: leave the step loop
-    run: bool = True          # some rank has work: every rank runs a forward (else none does)
-    sends: dict[int, list[Send]] = field(default_factory=dict)   # P/D: KV to send, per prefill rank
-    recvs: dict[int, list[Recv]] = field(default_factory=dict)   # P/D: KV to receive, per decode rank
 
 
 @dataclass
@@ -78,19 +65,11 @@ class Coordinator:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
-        n = len(prompt_ids)
-        if n == 0:
-            raise ValueError("empty prompt: at least one token is needed")
-        if not all(type(t) is int for t in prompt_ids) or min(prompt_ids) < 0 \
-                or max(prompt_ids) >= self.model_cfg.vocab_size:
-            raise ValueError(f"prompt token ids must be ints in [0, {self.model_cfg.vocab_size})")
-        if n + 1 > self.max_model_len:
-            raise ValueError(f"prompt of {n} tokens leaves no room to generate within the context "
-                             f"length max_model_len={self.max_model_len}")
-        need = -(-(n + 1) // self.cfg.kv_block_size)
-        if need > self.num_kv_blocks:
-            raise ValueError(f"prompt of {n} tokens needs {need} KV blocks, but a rank's pool has only "
-                             f"{self.num_kv_blocks}: it can never fit")
+        vocab = self.model_cfg.vocab_size
+        if prompt_ids and (not all(type(t) is int for t in prompt_ids) or not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        check_request(len(prompt_ids), params.max_tokens, self.max_model_len, self.num_kv_blocks,
+                      self.cfg.kv_block_size, room=1)
 
     def encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -112,9 +91,8 @@ class Coordinator:
         self.outputs[rid] = RequestOutput(rid, text, ids, text="" if self.tokenizer else None,
                                           metrics=RequestMetrics(arrival_time=now), params=params)
         self.unfinished.add(rid)
-        self._specs[rid] = RequestSpec(rid, ids, params, now)
-        self.policy.add_request(Request(rid, ids, params.max_tokens, arrival_time=now,
-                                        priority=params.priority, session_id=params.session_id), now)
+        self._specs[rid] = spec = RequestSpec(rid, ids, params, now)
+        self.policy.add_request(spec.to_request(), now)
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -123,8 +101,8 @@ class Coordinator:
         finish_reason "abort" at the next step boundary."""
         if request_id not in self.unfinished or request_id in self._aborts:
             return
-        if self.policy.remove(request_id) or (self.decode_policy and self.decode_policy.remove(request_id)):
-            self._specs.pop(request_id, None)
+        if not self.policy.remove(request_id) and self.decode_policy:
+            self.decode_policy.remove(request_id)
         self._aborts.append(request_id)
 
     def request_rebalance(self) -> None:
@@ -156,7 +134,7 @@ class Coordinator:
                 m = self.outputs[r.request_id].metrics
                 m.release_time, m.rank = now, rank
                 self._where[r.request_id] = rank
-            msg.assignments[rank] = [self._specs.pop(r.request_id) for r in reqs]
+            msg.assignments[rank] = [self._specs[r.request_id] for r in reqs]
         for r in ranks:
             if self._sends.get(r):
                 msg.sends[r] = self._sends.pop(r)
@@ -170,10 +148,9 @@ class Coordinator:
         for local, reqs in plan.assignments.items():
             for r in reqs:
                 rid, dst, tag = r.request_id, local + off, next(self._tags)
-                out = self.outputs[rid]
                 src = self._where[rid]
-                spec = RequestSpec(rid, out.prompt_token_ids, out.params, out.metrics.arrival_time)
-                msg.recvs.setdefault(dst, []).append(Recv(spec, src, tag, r.output_token_ids[0], r.num_prompt_tokens))
+                recv = Recv(self._specs[rid], src, tag, r.output_token_ids[0], r.num_prompt_tokens)
+                msg.recvs.setdefault(dst, []).append(recv)
                 self._sends.setdefault(src, []).append(Send(rid, dst, tag))
                 self._where[rid] = dst
         return msg
@@ -187,8 +164,7 @@ class Coordinator:
                 continue
             out.finish_reason, out.new_token_ids = "abort", []
             out.metrics.finish_time = time.time()
-            self.unfinished.discard(rid)
-            self._where.pop(rid, None)
+            self._forget(rid)
             changed[rid] = out
         for events, _ in gathered:
             for ev in events:
@@ -200,22 +176,18 @@ class Coordinator:
                     changed[ev.request_id] = out
                 self._apply(out, ev)
                 if ev.handoff:   # P/D: prefilled; the decode scheduler places it next
-                    p = out.params
-                    self.decode_policy.add_request(Request(
-                        ev.request_id, out.prompt_token_ids, p.max_tokens, arrival_time=out.metrics.arrival_time,
-                        priority=p.priority, session_id=p.session_id, output_token_ids=[ev.token_id]), time.time())
+                    self.decode_policy.add_request(self._specs[ev.request_id].to_request([ev.token_id]), time.time())
         stats = [s for _, s in gathered]
         if not stats:   # no step ran (only aborts to report)
             return list(changed.values())
         step_time = max(s.step_time_s for s in stats)
-        tokens = [s.num_tokens for s in stats]
+        tokens, context = [s.num_tokens for s in stats], [s.context for s in stats]
         now = time.time()
         self.steps.append(StepRecord(now, tokens, step_time, instance))
         self._steps_of[instance] = self._steps_of.get(instance, 0) + 1
-        if ranks[0] >= self.prefill_ranks:
-            self.decode_policy.observe_step(now, step_time, tokens, ranks=[r - self.prefill_ranks for r in ranks])
-        else:
-            self.policy.observe_step(now, step_time, tokens, ranks=ranks)
+        decode = ranks[0] >= self.prefill_ranks
+        policy, off = (self.decode_policy, self.prefill_ranks) if decode else (self.policy, 0)
+        policy.observe_step(now, step_time, tokens, ranks=[r - off for r in ranks], per_rank_context=context)
         return list(changed.values())
 
     def _apply(self, out: RequestOutput, ev: TokenEvent) -> None:
@@ -233,8 +205,12 @@ class Coordinator:
             out.finish_reason, m.finish_time = ev.finish_reason, ev.time
             if ev.text is not None:
                 out.text = ev.text
-            self.unfinished.discard(ev.request_id)
-            self._where.pop(ev.request_id, None)
+            self._forget(ev.request_id)
+
+    def _forget(self, rid: str) -> None:
+        self.unfinished.discard(rid)
+        self._where.pop(rid, None)
+        self._specs.pop(rid, None)
 
     def requeue_instance(self, instance: int) -> list[str]:
         """Put the unfinished requests of a dead instance back into the buffer; their outputs
@@ -243,16 +219,11 @@ class Coordinator:
         lost = [rid for rid, r in self._where.items() if r in ranks and rid in self.unfinished]
         for rid in lost:
             out = self.outputs[rid]
-            params = out.params
             out.token_ids, out.new_token_ids = [], []
             out.text = "" if out.text is not None else None
             out.metrics.first_token_time, out.metrics.token_times = None, []
             del self._where[rid]
-            now = time.time()
-            self._specs[rid] = RequestSpec(rid, out.prompt_token_ids, params, out.metrics.arrival_time)
-            self.policy.add_request(Request(rid, out.prompt_token_ids, params.max_tokens,
-                                            arrival_time=out.metrics.arrival_time, priority=params.priority,
-                                            session_id=params.session_id), now)
+            self.policy.add_request(self._specs[rid].to_request(), time.time())
         for req in self.policy.drop_ranks(ranks):   # pinned to a dead rank, never handed over
             self.policy.add_request(req, time.time())
         return lost

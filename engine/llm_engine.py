@@ -11,7 +11,8 @@ steps) is the same in every run mode; a rank that holds no coordinator says so.
 import contextlib
 from collections.abc import Iterator
 
-from .coordinator import Coordinator, StepPlanMsg
+from .coordinator import Coordinator
+from .messages import StepPlanMsg
 from .group import LocalGroup
 from .outputs import RequestOutput
 from .sampling import SamplingParams

@@ -7,29 +7,12 @@ poll them at later boundaries: neither instance's step loop ever waits for the o
 """
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from kernels import ops
 from scheduler.block_manager import slots as token_slots
-
-
-@dataclass
-class Send:
-    request_id: str
-    dst: int
-    tag: int
-
-
-@dataclass
-class Recv:
-    spec: object          # RequestSpec
-    src: int
-    tag: int
-    first_token: int
-    num_tokens: int       # KV rows to receive (the prompt)
 
 
 def gather_rows(kv_caches, block_table, n: int) -> torch.Tensor:

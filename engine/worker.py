@@ -4,48 +4,17 @@ The worker knows nothing of other ranks: the engine hands it new requests at ste
 collects what each step produced.
 """
 import time
-from dataclasses import dataclass
 
-import torch
-
+from scheduler.allocation import attention_pairs
 from scheduler.batch import BatchScheduler
 from scheduler.block_manager import BlockManager
 from scheduler.ordering import rank_order
 from scheduler.request import Request
 from . import pd
+from .messages import Recv, RequestSpec, Send, StepStats, TokenEvent
 from .detokenizer import IncrementalDetokenizer, check_stop
 from .model_runner import ModelRunner
 from .sampling import Sampler, SamplingParams
-
-
-@dataclass
-class RequestSpec:
-    """What crosses from the coordinator to a rank (picklable, small)."""
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-
-
-@dataclass
-class TokenEvent:
-    request_id: str
-    token_id: int
-    text_delta: str
-    finish_reason: str | None
-    time: float
-    text: str | None = None   # full (stop-trimmed) text, set when the request finishes
-    handoff: bool = False     # P/D: prefill done here, the request continues on a decode rank
-    cached_tokens: int | None = None   # on a first token: prompt tokens served by the prefix cache
-
-
-@dataclass
-class StepStats:
-    rank: int
-    num_tokens: int
-    num_seqs: int
-    step_time_s: float
-    num_preempted: int
 
 
 class RankWorker:
@@ -65,9 +34,7 @@ class RankWorker:
         self.live: dict[str, tuple[Request, SamplingParams, IncrementalDetokenizer | None]] = {}
 
     def add(self, spec: RequestSpec) -> None:
-        req = Request(spec.request_id, spec.prompt_token_ids, spec.params.max_tokens,
-                      arrival_time=spec.arrival_time, priority=spec.params.priority,
-                      session_id=spec.params.session_id)
+        req = spec.to_request()
         self.scheduler.add(req)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         self.live[spec.request_id] = (req, spec.params, detok)
@@ -96,6 +63,7 @@ class RankWorker:
     def step(self) -> tuple[list[TokenEvent], StepStats]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        context = sum(attention_pairs(n, r.num_computed_tokens) for r, n in batch.items)
         logits, reqs = self.runner.run(batch)
         sampled = {}
         if reqs:
@@ -110,22 +78,20 @@ class RankWorker:
         dt = time.perf_counter() - t0
         self.num_preempted += len(batch.preempted)
         self.scheduler.last_step_time_s = dt
-        return events, StepStats(self.rank, batch.num_tokens, len(batch.items), dt, len(batch.preempted))
+        return events, StepStats(self.rank, batch.num_tokens, len(batch.items), dt, len(batch.preempted), context)
 
     # ---- P/D separation ----------------------------------------------------------------------
-    def send_kv(self, send) -> None:
+    def send_kv(self, send: Send) -> None:
         """Post the KV of a handed-off request to its decode rank; free the blocks once sent."""
         req = self.live.pop(send.request_id)[0]
         self.sampler.forget(send.request_id)
         rows = pd.gather_rows(self.runner.kv_caches, req.block_table, req.num_prompt_tokens)
         self.transfers.send(rows, send.dst, send.tag, lambda _t: self.scheduler.block_manager.free(req))
 
-    def recv_kv(self, recv) -> None:
+    def recv_kv(self, recv: Recv) -> None:
         """Allocate blocks for an incoming request, post the receive; it joins the batch on arrival."""
         spec = recv.spec
-        req = Request(spec.request_id, spec.prompt_token_ids, spec.params.max_tokens,
-                      arrival_time=spec.arrival_time, priority=spec.params.priority,
-                      session_id=spec.params.session_id)
+        req = spec.to_request()
         bm = self.scheduler.block_manager
         if not bm.can_append(req, recv.num_tokens):
             raise RuntimeError(f"rank {self.rank}: no KV room for transferred request {spec.request_id}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from scheduler.block_manager import BlockManager
 from scheduler.load import RankLoad
-from scheduler.request import Request, RequestStatus
+from scheduler.request import Request, RequestStatus, check_request
 
 
 @dataclass
@@ -57,18 +57,11 @@ class BatchScheduler:
         return bool(self.waiting or self.running)
 
     def add(self, req: Request) -> None:
-        bs = self.block_manager.block_size
-        if req.num_prompt_tokens == 0:
-            raise ValueError(f"request {req.request_id}: empty prompt")
-        if req.max_tokens < 1:
-            raise ValueError(f"request {req.request_id}: max_tokens must be >= 1, got {req.max_tokens}")
-        if req.num_prompt_tokens > self.max_model_len:
-            raise ValueError(f"request {req.request_id}: prompt has {req.num_prompt_tokens} tokens, "
-                             f"more than max_model_len={self.max_model_len}")
-        if -(-req.num_prompt_tokens // bs) > self.block_manager.num_blocks:
-            raise ValueError(f"request {req.request_id}: prompt of {req.num_prompt_tokens} tokens needs "
-                             f"{-(-req.num_prompt_tokens // bs)} KV blocks of {bs}, the pool has only "
-                             f"{self.block_manager.num_blocks}")
+        bm = self.block_manager
+        try:
+            check_request(req.num_prompt_tokens, req.max_tokens, self.max_model_len, bm.num_blocks, bm.block_size)
+        except ValueError as e:
+            raise ValueError(f"request {req.request_id}: {e}") from None
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 

@@ -77,3 +77,21 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "
                 f"out={self.num_output_tokens}/{self.max_tokens}, computed={self.num_computed_tokens})")
+
+
+def check_request(num_prompt_tokens: int, max_tokens: int, max_model_len: int, num_blocks: int,
+                  block_size: int, room: int = 0) -> None:
+    """ValueError unless a request can run: a prompt, max_tokens >= 1, and the prompt plus `room`
+    tokens to generate within max_model_len and within a rank's whole KV pool."""
+    n = num_prompt_tokens
+    if n == 0:
+        raise ValueError("empty prompt: at least one token is needed")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if n + room > max_model_len:
+        raise ValueError(f"prompt of {n} tokens leaves no room to generate within the context length "
+                         f"max_model_len={max_model_len}")
+    need = -(-(n + room) // block_size)
+    if need > num_blocks:
+        raise ValueError(f"prompt of {n} tokens needs {need} KV blocks of {block_size}, but a rank's pool has "
+                         f"only {num_blocks}: it can never fit")

@@ -99,3 +99,12 @@ def test_a_rank_without_a_coordinator_says_so(tiny):
             call()
     eng.request_rebalance()   # under torchrun rank 0's call covers every instance: no error here
     assert eng.has_unfinished()   # several instances: the loop runs until the scheduler stops it
+
+
+def test_live_sbs_cost_model_fits_the_attention_context(tiny):
+    """Ranks report the attention context they computed, so SBS fits the same terms as in the simulator."""
+    llm = LLM(tiny, kv_block_size=16, num_kv_blocks=64, max_num_batched_tokens=64)
+    cost = llm.coordinator.policy.cost
+    prior = cost.coefficients
+    llm.generate([list(range(3, 3 + n)) for n in (5, 60, 120)], SamplingParams(temperature=0, max_tokens=8))
+    assert cost.num_obs > 0 and cost.coefficients[2] != prior[2]
