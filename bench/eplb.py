@@ -10,7 +10,7 @@ rank, averaged over windows. Pure Python, no GPU.
 import argparse
 import random
 
-from scheduler import eplb
+from scheduler import expert_placement as eplb
 
 
 def routing_trace(E, windows, tokens, k, zipf, drift, seed):

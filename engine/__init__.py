@@ -1,6 +1,6 @@
 """Stagger's runtime: the public API."""
 from .llm import LLM
-from .llm_engine import LLMEngine
+from .lockstep import LLMEngine
 from .outputs import RequestMetrics, RequestOutput
 from .sampling import SamplingParams
 

@@ -12,8 +12,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9     # fraction of free device memory for weights' neighbours: KV
     cpu_kv_cache_bytes: int = 1 << 30       # KV budget on CPU
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"         # torch | triton | auto
-    moe_backend: str = "auto"               # torch | triton | auto
+    attention_backend: str = "auto"         # torch | triton | auto (MLA, norms, rope)
+    linear_backend: str = "auto"            # torch | triton | auto (dense GEMMs; triton keeps FP8 weights FP8)
+    moe_backend: str = "auto"               # torch | triton | auto (routers and routed experts)
     all_to_all_backend: str = "torch"       # torch | deepep
     scheduler: str = "sbs"                  # sbs | immediate-rr | immediate-lb | adp-balance
     scheduler_options: dict = field(default_factory=dict)
@@ -27,6 +28,7 @@ class EngineConfig:
     pd: str | None = None                   # "P:D": P prefill + D decode instances (sets instances)
     scheduler_port: int | None = None       # global scheduler's port (default MASTER_PORT + 1)
     step_timeout_s: float = 300.0           # a rank silent this long brings the job down
+    prefill_instances: int = field(default=0, init=False)   # from pd: the first P instances prefill
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":
@@ -52,8 +54,9 @@ class EngineConfig:
                 assert p >= 1 and d >= 1
             except (ValueError, AssertionError):
                 raise ValueError(f"engine option pd must look like 'P:D' with P, D >= 1, got {self.pd!r}") from None
-            self.instances = p + d
+            self.instances, self.prefill_instances = p + d, p
         for name, allowed in (("attention_backend", ("auto", "torch", "triton")),
+                              ("linear_backend", ("auto", "torch", "triton")),
                               ("moe_backend", ("auto", "torch", "triton")),
                               ("all_to_all_backend", ("torch", "deepep")),
                               ("mla_path", ("auto", "absorbed", "expanded"))):

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from scheduler.eplb import Placement, default_placement
+from scheduler.expert_placement import Placement, default_placement
 
 
 class ExpertPlacement:
-    """Logical expert -> physical slots (rank * S + slot), from a scheduler.eplb.Placement.
+    """Logical expert -> physical slots (rank * S + slot), from a scheduler.expert_placement.Placement.
 
     A token's choice of logical expert e goes to one of e's replicas, picked by (token + choice)
     mod the replica count: deterministic, and it spreads a hot expert's tokens over its copies."""

@@ -6,12 +6,12 @@ from model.loader import load_model
 from model.tokenizer import load_tokenizer
 from . import distributed, kv_cache
 from .ep import ExpertPlacement, make_all_to_all
-from .eplb import ExpertBalancer
+from .expert_balancer import ExpertBalancer
 from .instances import CoordinatorServer, RemoteCoordinator, instance_ranks
 from .pd import Transfers
 from .config import EngineConfig
 from .coordinator import Coordinator
-from .llm_engine import LLMEngine
+from .lockstep import LLMEngine
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 from .worker import RankWorker
@@ -42,10 +42,12 @@ class LLM:
         local_rank, n = topo.rank - ranks[0], len(ranks)
         placement = ExpertPlacement.default(mc.n_routed_experts, n, cfg.num_redundant_experts) if mc.n_routed_experts else None
         dtype = _resolve_dtype(dtype, device)
-        attn, moe = (_resolve_backend(cfg.attention_backend, device), _resolve_backend(cfg.moe_backend, device))
-        net = load_model(model, dtype=dtype, device=device, keep_fp8=(moe == "triton"),
+        attn, linear, moe = (_resolve_backend(b, device) for b in (cfg.attention_backend, cfg.linear_backend,
+                                                                    cfg.moe_backend))
+        # FP8 weights stay FP8 only where a block-scaled GEMM consumes them: the dense GEMM backend
+        net = load_model(model, dtype=dtype, device=device, keep_fp8=(linear == "triton"),
                          local_experts=placement.local_experts(local_rank) if placement else None)
-        net.set_backend(attention=attn, moe=moe)
+        net.set_backend(attention=attn, moe=moe, linear=linear)
         if n > 1:
             for layer in net.moe_layers():   # one exchange per layer: EPLB places each layer alone
                 layer.ep = make_all_to_all(cfg.all_to_all_backend, placement, pg)
@@ -62,15 +64,12 @@ class LLM:
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
-        worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank)
-        if net.moe_layers():
-            worker.balancer = ExpertBalancer(net, local_rank, n, cfg.num_redundant_experts, group=pg)
-        decode_ranks = 0
-        if cfg.pd is not None:   # the first P instances prefill, the other D decode
-            n_prefill = int(cfg.pd.split(":")[0])
-            decode_ranks = topo.world_size - n_prefill * n
-            worker.role = "prefill" if inst < n_prefill else "decode"
-            worker.transfers = Transfers(cfg.step_timeout_s)
+        pd = cfg.pd is not None   # the first P instances prefill, the other D decode
+        balancer = ExpertBalancer(net, local_rank, n, cfg.num_redundant_experts, group=pg) if net.moe_layers() else None
+        worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank, balancer=balancer,
+                            role=("prefill" if inst < cfg.prefill_instances else "decode") if pd else "mixed",
+                            transfers=Transfers(cfg.step_timeout_s) if pd else None)
+        decode_ranks = topo.world_size - cfg.prefill_instances * n if pd else 0
         coord = Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size, decode_ranks)
         self.engine = self._engine(worker, coord, group, ranks, inst)
 

@@ -18,7 +18,11 @@ from .sampling import Sampler, SamplingParams
 
 
 class RankWorker:
-    def __init__(self, model, kv_caches, cfg, tokenizer, eos_ids, max_model_len, device, rank=0):
+    def __init__(self, model, kv_caches, cfg, tokenizer, eos_ids, max_model_len, device, rank=0, *,
+                 role: str = "mixed", transfers: pd.Transfers | None = None, balancer=None):
+        """role: "mixed", or in P/D separation "prefill" (hands requests over after the first token)
+        or "decode"; transfers: the rank's KV moves (P/D); balancer: engine.expert_balancer's
+        ExpertBalancer (MoE models)."""
         self.rank, self.tokenizer, self.eos_ids = rank, tokenizer, set(eos_ids)
         bm = BlockManager(kv_caches[0].shape[0], cfg.kv_block_size, cfg.enable_prefix_caching)
         self.scheduler = BatchScheduler(bm, max_num_seqs=cfg.max_num_seqs,
@@ -28,9 +32,7 @@ class RankWorker:
         self.runner = ModelRunner(model, kv_caches, cfg.kv_block_size, device, cfg.mla_path)
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
-        self.balancer = None   # engine.eplb.ExpertBalancer, for MoE models
-        self.role = "mixed"    # P/D separation: "prefill" ranks hand requests over after the first token
-        self.transfers = None  # engine.pd.Transfers, in P/D mode
+        self.role, self.transfers, self.balancer = role, transfers, balancer
         self.live: dict[str, tuple[Request, SamplingParams, IncrementalDetokenizer | None]] = {}
 
     def add(self, spec: RequestSpec) -> None:

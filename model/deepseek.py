@@ -356,13 +356,16 @@ class DeepseekForCausalLM(nn.Module):
         self.model = DeepseekModel(cfg, local_experts)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
 
-    def set_backend(self, attention: str = "torch", moe: str = "torch") -> None:
-        """Pick kernel implementations: `attention` for MLA/norms/rope, `moe` for routers/experts/fp8."""
+    def set_backend(self, attention: str = "torch", moe: str = "torch", linear: str | None = None) -> None:
+        """Pick kernel implementations: `attention` for MLA/norms/rope, `moe` for routers/experts,
+        `linear` for dense (FP8) GEMMs (default: as `moe`)."""
         for m in self.modules():
             if isinstance(m, (MLA, RMSNorm)):
                 m.backend = attention
-            elif isinstance(m, (Gate, Experts, Linear)):
+            elif isinstance(m, (Gate, Experts)):
                 m.backend = moe
+            elif isinstance(m, Linear):
+                m.backend = linear or moe
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]):
         """input_ids [T] -> final hidden states [T, hidden] (normed)."""

@@ -39,7 +39,7 @@ def generate(model_dir, spec_file, out_prefix):
 
 def a2a(out_prefix):
     from engine.ep import ExpertPlacement, TorchAllToAll
-    from scheduler.eplb import Placement
+    from scheduler.expert_placement import Placement
     dist.init_process_group("gloo")
     rank, E, k, H = dist.get_rank(), 6, 3, 5
     # uneven ownership, and experts 1 and 4 have a copy on each rank

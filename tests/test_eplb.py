@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from scheduler import eplb
+from scheduler import expert_placement as eplb
 
 
 def skewed_load(E, seed=0):

@@ -1,13 +1,13 @@
 """EPLB at run time: count tokens per expert while serving, and re-place experts at a step boundary.
 
 All ranks call `rebalance()` at the same step (the coordinator's plan says when). Loads are summed
-over ranks, each MoE layer gets a new placement from scheduler.eplb.plan, and expert weights move
+over ranks, each MoE layer gets a new placement from scheduler.expert_placement.plan, and expert weights move
 between ranks with one all-to-all per layer. Replicas are exact copies, so outputs do not change.
 """
 import torch
 import torch.distributed as dist
 
-from scheduler import eplb
+from scheduler import expert_placement as eplb
 from .ep import ExpertPlacement
 
 
