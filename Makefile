@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := .cache/tiny-v3
 
-.PHONY: run test install clean demo-ckpt
+.PHONY: run test lint install clean demo-ckpt
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: $(TINY)/config.json
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
+
+# ruff (pinned in requirements.txt), 110 columns (pyproject.toml); not yet part of `make test`
+lint: $(STAMP)
+	$(VENV)/bin/ruff check engine scheduler model kernels launch
 
 clean:
 	rm -rf $(VENV) .cache

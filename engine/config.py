@@ -13,7 +13,7 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 1 << 30       # KV budget on CPU
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"         # torch | triton | auto (MLA, norms, rope)
-    linear_backend: str = "auto"            # torch | triton | auto (dense GEMMs; triton keeps FP8 weights FP8)
+    linear_backend: str = "auto"            # torch | triton | auto (dense GEMMs; triton keeps FP8 weights)
     moe_backend: str = "auto"               # torch | triton | auto (routers and routed experts)
     all_to_all_backend: str = "torch"       # torch | deepep
     scheduler: str = "sbs"                  # sbs | immediate-rr | immediate-lb | adp-balance
@@ -53,7 +53,8 @@ class EngineConfig:
                 p, d = (int(x) for x in self.pd.split(":"))
                 assert p >= 1 and d >= 1
             except (ValueError, AssertionError):
-                raise ValueError(f"engine option pd must look like 'P:D' with P, D >= 1, got {self.pd!r}") from None
+                raise ValueError(f"engine option pd must look like 'P:D' with P, D >= 1, got {self.pd!r}") \
+                    from None
             self.instances, self.prefill_instances = p + d, p
         for name, allowed in (("attention_backend", ("auto", "torch", "triton")),
                               ("linear_backend", ("auto", "torch", "triton")),
@@ -61,4 +62,5 @@ class EngineConfig:
                               ("all_to_all_backend", ("torch", "deepep")),
                               ("mla_path", ("auto", "absorbed", "expanded"))):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"engine option {name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"engine option {name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")

@@ -7,7 +7,7 @@ sits behind engine.instances' server thread and serves every instance's leader.
 import dataclasses
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from scheduler.load import RankLoad
 from scheduler.registry import make_global_scheduler
@@ -66,7 +66,8 @@ class Coordinator:
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
         vocab = self.model_cfg.vocab_size
-        if prompt_ids and (not all(type(t) is int for t in prompt_ids) or not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab):
+        if prompt_ids and not (all(type(t) is int for t in prompt_ids) and 0 <= min(prompt_ids)
+                               and max(prompt_ids) < vocab):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
         check_request(len(prompt_ids), params.max_tokens, self.max_model_len, self.num_kv_blocks,
                       self.cfg.kv_block_size, room=1)
@@ -117,11 +118,13 @@ class Coordinator:
         now = time.time()
         for r in ranks:
             self._instance_of[r] = instance
-        msg = self._plan_decode(now, loads) if ranks[0] >= self.prefill_ranks else self._plan_prefill(now, loads, ranks)
-        msg.aborts = [r for r in self._aborts if self._where.get(r, ranks[0]) in ranks]   # no rank: any boundary
+        decode = ranks[0] >= self.prefill_ranks
+        msg = self._plan_decode(now, loads) if decode else self._plan_prefill(now, loads, ranks)
+        msg.aborts = [r for r in self._aborts if self._where.get(r, ranks[0]) in ranks]   # rankless: anywhere
         self._aborts = [r for r in self._aborts if r not in msg.aborts]
-        every, n = self.cfg.eplb_interval_steps, self._steps_of.get(instance, 0)
-        msg.rebalance = self._rebalanced.get(instance, 0) < self._rebalances or bool(every and n and n % every == 0)
+        every, n = self.cfg.eplb_interval_steps, self._steps_of.get(instance, 0)   # this instance's steps
+        asked = self._rebalanced.get(instance, 0) < self._rebalances
+        msg.rebalance = asked or bool(every and n and not n % every)
         self._rebalanced[instance] = self._rebalances
         msg.stop = self.closed and not self.unfinished
         return msg
@@ -176,7 +179,8 @@ class Coordinator:
                     changed[ev.request_id] = out
                 self._apply(out, ev)
                 if ev.handoff:   # P/D: prefilled; the decode scheduler places it next
-                    self.decode_policy.add_request(self._specs[ev.request_id].to_request([ev.token_id]), time.time())
+                    req = self._specs[ev.request_id].to_request([ev.token_id])
+                    self.decode_policy.add_request(req, time.time())
         stats = [s for _, s in gathered]
         if not stats:   # no step ran (only aborts to report)
             return list(changed.values())

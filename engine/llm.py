@@ -40,7 +40,8 @@ class LLM:
         self.topology, self.server = topo, None
         ranks, inst, pg, group = _join_world(cfg, topo, device)
         local_rank, n = topo.rank - ranks[0], len(ranks)
-        placement = ExpertPlacement.default(mc.n_routed_experts, n, cfg.num_redundant_experts) if mc.n_routed_experts else None
+        placement = (ExpertPlacement.default(mc.n_routed_experts, n, cfg.num_redundant_experts)
+                     if mc.n_routed_experts else None)
         dtype = _resolve_dtype(dtype, device)
         attn, linear, moe = (_resolve_backend(b, device) for b in (cfg.attention_backend, cfg.linear_backend,
                                                                     cfg.moe_backend))
@@ -65,9 +66,11 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         pd = cfg.pd is not None   # the first P instances prefill, the other D decode
-        balancer = ExpertBalancer(net, local_rank, n, cfg.num_redundant_experts, group=pg) if net.moe_layers() else None
-        worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank, balancer=balancer,
-                            role=("prefill" if inst < cfg.prefill_instances else "decode") if pd else "mixed",
+        role = ("prefill" if inst < cfg.prefill_instances else "decode") if pd else "mixed"
+        balancer = (ExpertBalancer(net, local_rank, n, cfg.num_redundant_experts, group=pg)
+                    if net.moe_layers() else None)
+        worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank,
+                            balancer=balancer, role=role,
                             transfers=Transfers(cfg.step_timeout_s) if pd else None)
         decode_ranks = topo.world_size - cfg.prefill_instances * n if pd else 0
         coord = Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size, decode_ranks)
@@ -181,7 +184,8 @@ def _submit(coordinator, prompts, params):
 def _resolve_dtype(dtype, device):
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

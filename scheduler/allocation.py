@@ -112,7 +112,8 @@ def rank_slots(loads, cost: StepCostModel, watermark: float = 0.01) -> list[Rank
         slots.append(RankSlot(
             rank=ld.rank, seqs=ld.max_num_seqs - ld.num_running - ld.num_waiting, tokens=budget,
             blocks=ld.free_kv_blocks - reserve, fill=fill, running=ld.num_running + ld.num_waiting,
-            kv_usage=ld.kv_usage, total_blocks=ld.total_kv_blocks, idle=ld.num_running == 0 and ld.num_waiting == 0))
+            kv_usage=ld.kv_usage, total_blocks=ld.total_kv_blocks,
+            idle=ld.num_running == 0 and ld.num_waiting == 0))
     return slots
 
 

@@ -59,7 +59,8 @@ class BatchScheduler:
     def add(self, req: Request) -> None:
         bm = self.block_manager
         try:
-            check_request(req.num_prompt_tokens, req.max_tokens, self.max_model_len, bm.num_blocks, bm.block_size)
+            check_request(req.num_prompt_tokens, req.max_tokens, self.max_model_len, bm.num_blocks,
+                          bm.block_size)
         except ValueError as e:
             raise ValueError(f"request {req.request_id}: {e}") from None
         req.status = RequestStatus.WAITING

@@ -5,7 +5,8 @@ table into slots (`block_table[p // block_size] * block_size + p % block_size`);
 never touches tensors at all.
 
 Prefix caching: every FULL block whose KV has been computed gets a hash chained over the whole
-prefix (scheduler/prefix.py), so equal hashes mean equal prefixes, not just equal blocks. Blocks are reference counted so several requests share one cached block. A block whose
+prefix (scheduler/prefix.py), so equal hashes mean equal prefixes, not just equal blocks. Blocks
+are reference counted so several requests share one cached block. A block whose
 count drops to zero keeps its hash and waits in an LRU pool; it is evicted (hash dropped) only
 when a fresh block is needed and no never-hashed block is left.
 """

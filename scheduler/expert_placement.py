@@ -40,7 +40,8 @@ def default_placement(num_experts: int, world_size: int, num_redundant: int = 0)
     """Contiguous ranges; redundant slots copy experts round robin (no load known yet)."""
     total = num_experts + num_redundant
     if total % world_size:
-        raise ValueError(f"num_experts + num_redundant_experts = {total} must divide evenly over {world_size} ranks")
+        raise ValueError(f"num_experts + num_redundant_experts = {total} must divide evenly over "
+                         f"{world_size} ranks")
     per = total // world_size
     order = list(range(num_experts)) + [i % num_experts for i in range(num_redundant)]
     return Placement([order[r * per:(r + 1) * per] for r in range(world_size)])
@@ -59,14 +60,16 @@ def imbalance(loads: list[float]) -> float:
     return max(loads) / mean if mean else 1.0
 
 
-def plan(load: list[float], world_size: int, num_redundant: int = 0, *, prev_slots: list[list[int]] | None = None,
+def plan(load: list[float], world_size: int, num_redundant: int = 0, *,
+         prev_slots: list[list[int]] | None = None,
          coactivation: list[list[float]] | None = None, tolerance: float = 0.02) -> Placement:
     """New placement for one layer. `coactivation[a][b]`: tokens that chose expert a in the previous
     layer and b in this one; `prev_slots`: the previous layer's placement (for that affinity)."""
     E = len(load)
     total = E + num_redundant
     if total % world_size:
-        raise ValueError(f"num_experts + num_redundant_experts = {total} must divide evenly over {world_size} ranks")
+        raise ValueError(f"num_experts + num_redundant_experts = {total} must divide evenly over "
+                         f"{world_size} ranks")
     S = total // world_size
     count = [1] * E
     for _ in range(num_redundant):
@@ -75,7 +78,8 @@ def plan(load: list[float], world_size: int, num_redundant: int = 0, *, prev_slo
         open_ = [e for e in range(E) if count[e] < world_size] or list(range(E))
         hot = max(open_, key=lambda e: (load[e] / count[e], -e))
         count[hot] += 1
-    reps = sorted(((load[e] / count[e], e) for e in range(E) for _ in range(count[e])), key=lambda x: (-x[0], x[1]))
+    reps = sorted(((load[e] / count[e], e) for e in range(E) for _ in range(count[e])),
+                  key=lambda x: (-x[0], x[1]))
     slack = tolerance * sum(load) / world_size   # "near the lightest": within this many tokens
     rank_load = [0.0] * world_size
     slots: list[list[int]] = [[] for _ in range(world_size)]

@@ -4,8 +4,8 @@ from scheduler.baselines import AdpBalance, ImmediateLeastLoad, ImmediateRoundRo
 from scheduler.routing import ImmediateGimbal
 from scheduler.sbs import StaggeredBatchScheduler
 
-SCHEDULERS = {c.name: c for c in (ImmediateRoundRobin, ImmediateLeastLoad, StaggeredBatchScheduler, AdpBalance,
-                                  ImmediateGimbal)}
+SCHEDULERS = {c.name: c for c in (ImmediateRoundRobin, ImmediateLeastLoad, StaggeredBatchScheduler,
+                                  AdpBalance, ImmediateGimbal)}
 # role="decode": placement only, nothing held. adp-balance decodes as immediate-lb (without its
 # options); sbs uses its decode-side rule; the others place as they do for prefill.
 DECODE_ROLE = {"adp-balance": ("immediate-lb", False)}

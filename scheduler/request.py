@@ -93,5 +93,5 @@ def check_request(num_prompt_tokens: int, max_tokens: int, max_model_len: int, n
                          f"max_model_len={max_model_len}")
     need = -(-(n + room) // block_size)
     if need > num_blocks:
-        raise ValueError(f"prompt of {n} tokens needs {need} KV blocks of {block_size}, but a rank's pool has "
-                         f"only {num_blocks}: it can never fit")
+        raise ValueError(f"prompt of {n} tokens needs {need} KV blocks of {block_size}, but a rank's "
+                         f"pool has only {num_blocks}: it can never fit")

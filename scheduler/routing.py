@@ -92,7 +92,8 @@ def choose_rank(req: Request, candidates: list[RankLoad], state: RoutingState,
     bs = p.block_size or candidates[0].block_size
     chain = block_hashes(req.prompt_token_ids, bs, p.prefix_blocks) if p.prefix_affinity else []
     n = req.num_tokens
-    score = {c.rank: c.waiting_prefill_tokens + n - min(state.hits(chain, c.rank, bs), n - 1) for c in candidates}
+    score = {c.rank: c.waiting_prefill_tokens + n - min(state.hits(chain, c.rank, bs), n - 1)
+             for c in candidates}
     kv = {c.rank: c.kv_usage for c in candidates}
     pool = [c.rank for c in candidates if kv[c.rank] < p.kv_high]
     if not pool:

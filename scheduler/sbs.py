@@ -27,8 +27,8 @@ then lowest KV use), among ranks with a slot and KV blocks for the transferred c
 """
 from collections import OrderedDict, deque
 
-from scheduler.allocation import StepCostModel, choose_decode_rank, iqr_outliers, place_in_order, rank_slots, take
-from scheduler.allocation import water_fill
+from scheduler.allocation import StepCostModel, choose_decode_rank, iqr_outliers, place_in_order, rank_slots
+from scheduler.allocation import take, water_fill
 from scheduler.base import GlobalScheduler, StepPlan, order_key
 from scheduler.load import RankLoad
 from scheduler.prefix import block_hashes
