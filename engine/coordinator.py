@@ -72,18 +72,13 @@ class Coordinator:
         check_request(len(prompt_ids), params.max_tokens, self.max_model_len, self.num_kv_blocks,
                       self.cfg.kv_block_size, room=1)
 
-    def encode(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
-
     def add_request(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
                     arrival_time: float | None = None) -> str:
         """Queue a request (str or token ids). Raises ValueError for a request that cannot run."""
         params = params or SamplingParams()
-        text, ids = self.encode(prompt)
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
+        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, [*prompt])
         self.validate(ids, params)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.outputs and not self.outputs[rid].finished:

@@ -115,11 +115,13 @@ class LLM:
             return self._generate_instances(prompts, params)
         eng = self.engine
         ids, failed = _submit(eng, prompts, params)
-        bar = _progress(len(ids) - len(failed)) if use_tqdm else None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids) - len(failed), desc="generate", unit="req")
         for out in eng.stream():
-            if bar is not None and out.finished:
+            if use_tqdm and out.finished:
                 bar.update(1)
-        if bar is not None:
+        if use_tqdm:
             bar.close()
         return [failed.get(i) or eng.outputs.pop(i) for i in ids]
 
@@ -185,15 +187,10 @@ def _resolve_dtype(dtype, device):
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(names)}")
     return names[dtype]
 
-
-def _progress(total):
-    from tqdm import tqdm
-    return tqdm(total=total, desc="generate", unit="req")

@@ -1,12 +1,12 @@
 """The lockstep loop: one instance's step over its DP ranks, planned by a coordinator.
 
-One step (ARCHITECTURE.md, "One step"): gather rank loads -> the coordinator plans which new
-requests each rank admits -> the plan is broadcast -> every rank runs one forward (an empty one if
-it has no work) -> tokens and step stats are gathered back to the coordinator. Every decision is
-made on the coordinator from gathered state, so ranks can never disagree about what to do.
-
-The online surface (add_request, abort, step, stream, has_unfinished, outputs, step_metrics,
-steps) is the same in every run mode; a rank that holds no coordinator says so.
+One step, two control-plane exchanges (ARCHITECTURE.md, "One step"): gather (each rank's load, what
+its previous step produced) -> the leader's coordinator takes that step back, then plans which new
+requests each rank admits -> broadcast (the plan, the outputs that changed) -> every rank runs one
+forward (an empty one if it has no work; none at all when no rank has). Outputs thus show a step's
+tokens at the next boundary; the scheduler sees its calls in the same order as ever. Every decision
+is made from gathered state, so ranks never disagree. The online surface below is the same in every
+run mode; a rank that holds no coordinator says so.
 """
 import contextlib
 from collections.abc import Iterator
@@ -87,13 +87,7 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One lockstep step on every rank of this instance; returns the outputs that changed.
-
-        Two control-plane exchanges per step: gather (this step's load, what the previous step
-        produced), then broadcast (the plan, the outputs that changed). Outputs therefore show a
-        step's tokens at the next boundary; the scheduler sees its calls in the same order as ever
-        (collect step N-1, plan step N). When no rank has work the plan says so and nobody runs a
-        forward, so the exchange that delivers the last tokens leaves nothing behind."""
+        """One lockstep step on every rank of this instance; returns the outputs that changed."""
         gathered = self.group.gather((self.worker.load(), self._produced))
         box = self._boundary(gathered) if self.is_leader else None
         msg, changed = self.group.broadcast(box)
@@ -127,8 +121,8 @@ class LLMEngine:
             changed = self.planner.collect(produced, self._last, self.ranks, self.instance)
         loads = [ld for ld, _ in gathered]
         msg = self.planner.plan(loads, self.ranks, self.instance)
-        msg.run = bool(msg.assignments or msg.sends or msg.recvs) or any(ld.num_running or ld.num_waiting
-                                                                          for ld in loads)
+        busy = any(ld.num_running or ld.num_waiting for ld in loads)
+        msg.run = busy or bool(msg.assignments or msg.sends or msg.recvs)
         return msg, changed
 
     def stream(self) -> Iterator[RequestOutput]:

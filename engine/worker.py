@@ -55,10 +55,6 @@ class RankWorker:
     def rebalance(self) -> dict | None:
         return self.balancer.rebalance() if self.balancer is not None else None
 
-    @property
-    def has_work(self) -> bool:
-        return self.scheduler.has_work
-
     def load(self):
         return self.scheduler.load(self.rank)
 

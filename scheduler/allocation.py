@@ -1,14 +1,5 @@
-"""Allocation helpers for the global schedulers (pure Python, deterministic).
-
-- `StepCostModel`: predicted time of one rank's step from (tokens, attention context), with
-  coefficients fitted online by exponentially weighted ridge least squares from measured steps.
-- `RankSlot` / `rank_slots`: what a rank can still start in its very next step (free sequence
-  slots, token budget, KV blocks) and how full that step already is (its predicted cost).
-- `water_fill`: prefill allocation; requests in priority order, each to the least-filled rank
-  that can start it next step, so the slowest rank's predicted step stays as short as possible.
-- `iqr_outliers` / `choose_decode_rank`: decode-side balance; drop ranks whose KV use is an
-  interquartile-range outlier, then fewest running sequences, then lowest KV use.
-"""
+"""Allocation helpers for the global schedulers (pure Python, deterministic): the step cost model,
+each rank's capacity for its next step (RankSlot), prefill water-filling and decode-side balance."""
 from dataclasses import dataclass, replace
 
 
@@ -151,12 +142,9 @@ def water_fill(requests, slots: list[RankSlot], cost: StepCostModel, block_size:
     (least filled, prefix-cache hits lowering the cost where `hits(req, rank)` knows of some); ties
     go to fewer sequences, then lower KV use, then the lower rank id. A rank is eligible while it
     has a free sequence slot, a positive token budget (the request starts with a chunk of it) and
-    the KV blocks for the whole prompt. A request that fits nowhere stays unassigned and the ones
-    behind it may still fit, except for the first `strict` requests (aged ones): if one of those
-    fits nowhere, nothing behind it is placed. With `lpt`, the chosen set is placed again largest
-    first (longest-processing-time order balances the ranks better than arrival order), if that
-    placement fits too. Mutates `slots`. Returns ({rank: [requests]}, [unassigned]).
-    """
+    the KV blocks for the whole prompt; `strict`: see place_in_order. With `lpt`, the chosen set is
+    placed again largest first (longest-processing-time order balances the ranks better than
+    arrival order), if that placement fits too. Mutates `slots`. Returns (placed, unassigned)."""
     base = [replace(s) for s in slots] if lpt else None
     pool = [s for s in slots if not s.excluded] or slots
     out, left = place_in_order(requests, lambda req: _place(req, pool, cost, block_size, hits), strict)

@@ -1,16 +1,6 @@
 """The global scheduler's interface: which rank admits which request at which step boundary.
 
-Contract (docs/scheduler_api.md), with two compatible extensions:
-- `plan(now, loads)` may receive the loads of a subset of ranks: the ranks of one instance at its
-  step boundary (RankLoad.rank is the global rank id, 0..num_ranks-1). Only those ranks get work.
-  The loads are assumed to reflect every request handed over by earlier plan() calls; what this
-  scheduler hands over is counted optimistically until that rank reports again.
-- `observe_step(..., ranks=None, per_rank_context=None)` names the ranks the step ran on (default:
-  all, in order) and optionally the attention context (query-key pairs) each of them processed.
-- `next_wakeup(now)`: a time at which plan() should be called even if no step ends and no request
-  arrives (None: no timer needed). Every hold here is bounded and no policy holds work away from
-  an idle group, so the built-in policies never need one; drivers honour it anyway.
-
+The contract, with its extensions (instance subsets, per-rank context, timers): docs/scheduler_api.md.
 Every decision is a function of (now, loads, internal state): no clocks are read, no randomness is
 used, so every rank that runs the same sequence of calls computes the same plan.
 """
@@ -29,6 +19,14 @@ def order_key(order):
     if order == "fcfs":
         return None
     return make_order(order).as_key()
+
+
+def take_out(queue: list[Request], request_id: str) -> Request | None:
+    """Remove the request with this id from `queue` and return it (None: not there)."""
+    for i, r in enumerate(queue):
+        if r.request_id == request_id:
+            return queue.pop(i)
+    return None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The immediate baselines: each request goes to a rank when it arrives (round robin, least load),
 and TensorRT-LLM-style attention-DP balance, which holds context requests per instance."""
-from scheduler.base import GlobalScheduler, StepPlan, order_key
+from scheduler.base import GlobalScheduler, StepPlan, order_key, take_out
 from scheduler.load import RankLoad
 from scheduler.request import Request
 
@@ -36,11 +36,9 @@ class Immediate(GlobalScheduler):
 
     def remove(self, request_id: str) -> bool:
         for rank, reqs in enumerate(self._assigned):
-            for r in reqs:
-                if r.request_id == request_id:
-                    reqs.remove(r)
-                    self.queued[rank] -= r.num_tokens
-                    return True
+            if (r := take_out(reqs, request_id)) is not None:
+                self.queued[rank] -= r.num_tokens
+                return True
         return False
 
     def drop_ranks(self, ranks) -> list[Request]:
@@ -140,8 +138,4 @@ class AdpBalance(GlobalScheduler):
         return sum(len(b) for b in self.buffers)
 
     def remove(self, request_id: str) -> bool:
-        for k, buffer in enumerate(self.buffers):
-            self.buffers[k] = [r for r in buffer if r.request_id != request_id]
-            if len(self.buffers[k]) < len(buffer):
-                return True
-        return False
+        return any(take_out(b, request_id) is not None for b in self.buffers)

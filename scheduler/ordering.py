@@ -13,38 +13,9 @@ BatchScheduler (`order=`), both of which take a key function of a Request, via `
             cache are not counted: a long multi-turn prompt that is mostly cached is a short job.
   priority  larger `priority` first; effective priority = priority + aging_rate * waiting time.
 
-Cost model (sjf). Units are token-equivalents: one prefill token = 1. A decode token costs about as
-much compute as a prefill token in the MoE/linear layers, but it is spread over many steps in which
-it shares the batch with other requests, so the queue it blocks is mostly the prefill;
-decode_weight (default 0.25) lets max_tokens break ties between similar prompts without letting a
-large, often loose, max_tokens dominate. decode_weight=0 is Gimbal's "shortest prefill first".
-
-Aging needs no clock at sort time. key(req, now) = c(req) - a * (now - arrival) = c(req) + a * arrival
-- a * now, and the last term is the same for every request compared at one instant, so sorting by
-`as_key()` (key at now = 0) gives exactly the order of key(., now) for every now. Waiting time is
-measured from `arrival_time`.
-
-Wait bound (why nothing starves). Model: one work-conserving server of unit speed, taking one
-request at a time non-preemptively, always the waiting request with the smallest key; request i
-arrives at A_i with base cost c_i in [c_min, c_min + C] (C: the spread of base keys; for priority
-with priorities in [0, P_max], C = P_max; for sjf, C <= prefill_weight * max_model_len +
-decode_weight * max max_tokens) and aging rate a > 0. Static keys k_i = c_i + a * A_i.
-  1. Nothing arriving after A_j + C/a is served before j: such an i has
-     k_i = c_i + a * A_i > c_min + a * A_j + C >= c_j + a * A_j = k_j.
-     (This holds at any load, and also when predictions or cache hits change while j waits, as long
-     as every c stays in the range.)
-  2. Hence, while j waits, the server only runs work that was present at A_j or arrived in
-     (A_j, A_j + C/a]:   W_j <= U(A_j) + Work(A_j, A_j + C/a],   U = unfinished work.
-     Finite for any finite arrival rate; without aging (a = 0) there is no such window and a stream
-     of cheaper jobs that keeps the server busy postpones j for as long as the stream lasts.
-  3. If arrivals obey an arrival curve, Work in any window [s, t] <= sigma + rho * (t - s), with
-     rho < 1 (arrival rate below service rate; sigma: the largest burst), then W_j <= sigma + rho * C/a.
-     Proof: let s <= A_j start the busy period that contains A_j; the server is busy from s until j
-     starts, serving only work that arrived in [s, A_j + C/a] other than j, so
-     start_j - s <= sigma + rho * (A_j + C/a - s), i.e. W_j <= sigma + rho * C/a - (1 - rho)(A_j - s).
-A rank's queue admits several requests per step in key order with head-of-line blocking and SBS's
-buffer releases in key order; both keep property 1, which is what bounds the wait; the numbers in 2
-and 3 are for the server model (there, time = service time of the work).
+Aging needs no clock at sort time (as_key() sorts exactly as key(., now) for every now), and with
+aging rate a > 0 nothing arriving more than C/a after a request (C: the spread of base keys) is
+served before it, which bounds every wait: docs/ordering.md has the cost model and the proofs.
 """
 from collections import OrderedDict, deque
 

@@ -29,7 +29,7 @@ from collections import OrderedDict, deque
 
 from scheduler.allocation import StepCostModel, choose_decode_rank, iqr_outliers, place_in_order, rank_slots
 from scheduler.allocation import take, water_fill
-from scheduler.base import GlobalScheduler, StepPlan, order_key
+from scheduler.base import GlobalScheduler, StepPlan, order_key, take_out
 from scheduler.load import RankLoad
 from scheduler.prefix import block_hashes
 from scheduler.request import Request
@@ -68,13 +68,8 @@ class StaggeredBatchScheduler(GlobalScheduler):
         return len(self.buffer)
 
     def remove(self, request_id: str) -> bool:
-        for r in self.buffer:
-            if r.request_id == request_id:
-                self.buffer.remove(r)
-                del self._since[request_id]
-                self._chains.pop(request_id, None)
-                return True
-        return False
+        self._chains.pop(request_id, None)
+        return take_out(self.buffer, request_id) is not None and self._since.pop(request_id) is not None
 
     def observe_step(self, now, step_time_s, per_rank_tokens, *, ranks=None, per_rank_context=None):
         super().observe_step(now, step_time_s, per_rank_tokens, ranks=ranks, per_rank_context=per_rank_context)
