@@ -6,8 +6,9 @@ The network trains in transformers' DeepseekV3ForCausalLM (the engine's network 
 MLA with a power-of-two latent (64 + 16 rope per cached token), one dense layer then three MoE layers
 of 12 routed experts (top-2 of 2 groups out of 4) plus a shared expert, the V3 sigmoid router whose
 correction bias is updated after every step the way DeepSeek-V3 balances load without an auxiliary
-loss (at 1e-2 per step rather than V3's 1e-3: this run is only hundreds of steps). The corpus is `pydoc_data.topics` of Python 3.11 committed as text (it differs between Python
-versions); a validation slice of whole topics is held out. Same seed, steps, thread count, torch build
+loss (at 1e-2 per step rather than V3's 1e-3: this run is only hundreds of steps). The corpus is
+`pydoc_data.topics` of Python 3.11 committed as text (it differs between Python versions); a
+validation slice of whole topics is held out. Same seed, steps, thread count, torch build
 and CPU -> the same bytes.
 """
 import argparse
@@ -33,8 +34,8 @@ ARCH = dict(model_type="deepseek_v3", hidden_size=128, intermediate_size=384, mo
             n_routed_experts=12, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
             routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid",
             max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            rope_interleave=True, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-            num_nextn_predict_layers=0, attention_dropout=0.0, initializer_range=0.02)
+            rope_interleave=True, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0,
+            eos_token_id=1, num_nextn_predict_layers=0, attention_dropout=0.0, initializer_range=0.02)
 SAMPLE_PROMPTS = ["The assert statement", "The import statement", "A function definition",
                   "The while loop", "Exceptions"]
 
@@ -97,7 +98,8 @@ def evaluate(model, ids: torch.Tensor, seq_len: int, max_windows: int, batch: in
         inp = torch.stack([x[(i + j) * seq_len:(i + j + 1) * seq_len] for j in range(k)])
         tgt = torch.stack([x[(i + j) * seq_len + 1:(i + j + 1) * seq_len + 1] for j in range(k)])
         logits = model(input_ids=inp).logits.float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                 reduction="sum").item()
         count += tgt.numel()
     return total / count
 
@@ -130,12 +132,13 @@ def train(a) -> dict:
     from tokenizers import Tokenizer
     from tqdm import tqdm
     os.makedirs(a.out, exist_ok=True)
-    write_tokenizer(a.out, "bpe", a.vocab_size, corpus=a.corpus, model_max_length=ARCH["max_position_embeddings"])
+    write_tokenizer(a.out, "bpe", a.vocab_size, corpus=a.corpus,
+                    model_max_length=ARCH["max_position_embeddings"])
     tok = Tokenizer.from_file(os.path.join(a.out, "tokenizer.json"))
     train_ids, valid_ids = token_stream(tok, a.corpus), token_stream(tok, a.valid)
     print(f"corpus: {len(train_ids)} train / {len(valid_ids)} validation tokens, "
           f"vocabulary {tok.get_vocab_size()}", file=sys.stderr)
-    model, cfg = build_model(a.vocab_size, a.seed)
+    model, _ = build_model(a.vocab_size, a.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters", file=sys.stderr)
     balancer = BiasBalancer(model, a.bias_rate)
@@ -164,7 +167,8 @@ def train(a) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}", imb=f"{imb:.2f}")
         if (step + 1) % a.log_every == 0 or step + 1 == a.steps:
             hist.append({"step": step + 1, "train_loss_avg20": round(sum(recent) / len(recent), 4)})
-            msg = f"step {step + 1}/{a.steps}: train loss {hist[-1]['train_loss_avg20']:.3f} (mean of last 20)"
+            msg = (f"step {step + 1}/{a.steps}: train loss {hist[-1]['train_loss_avg20']:.3f} "
+                   "(mean of last 20)")
             (bar.write if not a.quiet else lambda s: print(s, file=sys.stderr))(msg)
     bar.close()
     elapsed = time.perf_counter() - t0
