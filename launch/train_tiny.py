@@ -127,8 +127,19 @@ def save(model, out: str, dtype) -> None:
 
 
 def train(a) -> dict:
+    """Train, save to a.out, return the final losses. Thread count and deterministic mode are the
+    process's own again afterwards (tests call this in-process)."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _train(a)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+
+
+def _train(a) -> dict:
     from tokenizers import Tokenizer
     from tqdm import tqdm
     os.makedirs(a.out, exist_ok=True)
