@@ -4,6 +4,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := .cache/tiny-v3
+# the committed small DeepSeek-V3 trained on the Python language reference (launch/train_tiny.py)
+MODEL ?= checkpoints/tiny-v3-trained
 
 .PHONY: run test lint install clean demo-ckpt
 
@@ -21,10 +23,11 @@ install: $(STAMP)
 $(TINY)/config.json: $(STAMP)
 	$(VPY) -m launch.make_checkpoint $(TINY) --preset tiny-v3
 
-# the demo on 2 data-parallel ranks with expert parallelism (torchrun, gloo on CPU)
-run: $(TINY)/config.json
+# the demo on 2 data-parallel ranks with expert parallelism (torchrun, gloo on CPU), greedy text
+# checked against transformers'; `make run MODEL=.cache/tiny-v3` runs it on random weights (tiny-v3 preset)
+run: $(STAMP) $(if $(filter $(TINY),$(MODEL)),$(TINY)/config.json)
 	OMP_NUM_THREADS=1 $(VPY) -m torch.distributed.run --nproc-per-node 2 --master-port 29511 \
-		-m launch.demo --model $(TINY)
+		-m launch.demo --model $(MODEL) --check
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

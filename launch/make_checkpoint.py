@@ -120,29 +120,58 @@ def write_checkpoint(out: str, raw: dict, *, seed: int = 0, dtype=torch.float32,
         json.dump(raw, f, indent=1)
 
 
-def write_tokenizer(out: str, kind: str, vocab_size: int) -> None:
-    """Train a small tokenizer on the embedded corpus: byte-level BPE (tokenizer.json) or sentencepiece."""
-    corpus = os.path.join(os.path.dirname(__file__), "corpus.txt")
-    size = min(vocab_size, 512)
+# DeepSeek's special tokens, with ids 0..3 (config.json's bos_token_id=0, eos_token_id=1)
+BOS, EOS, USER, ASSISTANT = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+                             "<｜User｜>", "<｜Assistant｜>")
+SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT]
+# DeepSeek-V3's chat format, reduced: BOS, system text as is, then each turn; an assistant turn ends with EOS
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
+    "{% else %}{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}")
+DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "corpus.txt")
+
+
+def write_tokenizer_config(out: str, model_max_length: int = 2048, hf_fast: bool = True) -> None:
+    """tokenizer_config.json: bos/eos and the chat template (read by transformers and by the server)."""
+    cfg = {"bos_token": BOS, "eos_token": EOS, "add_bos_token": False, "add_eos_token": False,
+           "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATE}
+    if hf_fast:  # transformers' AutoTokenizer then loads tokenizer.json as it is
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=1, ensure_ascii=False)
+
+
+def write_tokenizer(out: str, kind: str, vocab_size: int, corpus: str = DEFAULT_CORPUS,
+                    model_max_length: int = 2048) -> None:
+    """Train a tokenizer with `vocab_size` entries at most on the text file `corpus`: byte-level BPE
+    (tokenizer.json) or sentencepiece. Special tokens (ids 0..3) are DeepSeek's BOS, EOS, User, Assistant."""
+    if not os.path.isfile(corpus):
+        raise FileNotFoundError(f"tokenizer corpus {corpus} not found")
+    if vocab_size < 260 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for merges (256 bytes + special tokens)")
+    os.makedirs(out, exist_ok=True)
     if kind == "sentencepiece":
         import sentencepiece as spm
         spm.SentencePieceTrainer.train(
-            input=corpus, model_prefix=os.path.join(out, "tokenizer"), vocab_size=min(size, 450),
+            input=corpus, model_prefix=os.path.join(out, "tokenizer"), vocab_size=vocab_size,
             model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
             add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
-            bos_id=0, eos_id=1, unk_id=2, pad_id=-1, minloglevel=2)
+            bos_id=0, eos_id=1, unk_id=4, pad_id=-1, bos_piece=BOS, eos_piece=EOS,
+            user_defined_symbols=[USER, ASSISTANT], minloglevel=2)
         os.remove(os.path.join(out, "tokenizer.vocab"))
-        return
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([corpus], trainer)
-    tok.save(os.path.join(out, "tokenizer.json"))
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<bos>", "eos_token": "<eos>"}, f)
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train([corpus], trainer)
+        tok.save(os.path.join(out, "tokenizer.json"))
+    write_tokenizer_config(out, model_max_length, hf_fast=kind != "sentencepiece")
 
 
 def make_checkpoint(out: str, preset: str, *, fp8: bool = False, seed: int = 0, dtype=torch.float32,
@@ -153,7 +182,9 @@ def make_checkpoint(out: str, preset: str, *, fp8: bool = False, seed: int = 0, 
     write_checkpoint(out, raw, seed=seed, dtype=dtype, fp8=fp8)
     kind = tokenizer or ("sentencepiece" if raw["model_type"] == "deepseek_v2" else "bpe")
     if kind != "none":
-        write_tokenizer(out, kind, raw["vocab_size"])
+        # the embedded corpus is about 1 kB: it supports about 512 BPE entries (450 sentencepiece)
+        write_tokenizer(out, kind, min(raw["vocab_size"], 450 if kind == "sentencepiece" else 512),
+                        model_max_length=raw["max_position_embeddings"])
     return out
 
 
