@@ -38,7 +38,8 @@ def init(device: torch.device, timeout_s: float) -> Topology:
         if device.type == "cuda":
             torch.cuda.set_device(topo.local_rank)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        global _CONTROL
+    global _CONTROL
+    if _CONTROL is None:
         _CONTROL = control_group(list(range(topo.world_size)), None)
     return topo
 
