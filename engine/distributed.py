@@ -91,8 +91,24 @@ def scheduler_address(port: int | None):
     return (host, port or int(os.environ.get("MASTER_PORT", 29500)) + 1)
 
 
+class LocalGroup:
+    """The single-process channel (one rank, no communication). Every rank makes the same calls in
+    the same order each step, which is what keeps ranks in lockstep."""
+    rank = 0
+    world_size = 1
+    is_leader = True
+
+    def gather(self, obj):
+        """Every rank's obj, on the coordinator (None elsewhere)."""
+        return [obj]
+
+    def broadcast(self, obj):
+        """The coordinator's obj, on every rank."""
+        return obj
+
+
 class DistGroup:
-    """The leader's channel to the DP ranks of one instance (same calls as engine.group.LocalGroup).
+    """The leader's channel to the DP ranks of one instance (same calls as LocalGroup).
     `pg`: the instance's control-plane group (None: the whole world's); `leader`: its first rank."""
 
     def __init__(self, topo: Topology, pg=None, leader: int = 0, size: int | None = None):

@@ -1,19 +1,16 @@
 """The lockstep loop: one instance's step over its DP ranks, planned by a coordinator.
 
-One step, two control-plane exchanges (ARCHITECTURE.md, "One step"): gather (each rank's load, what
-its previous step produced) -> the leader's coordinator takes that step back, then plans which new
-requests each rank admits -> broadcast (the plan, the outputs that changed) -> every rank runs one
-forward (an empty one if it has no work; none at all when no rank has). Outputs thus show a step's
-tokens at the next boundary; the scheduler sees its calls in the same order as ever. Every decision
-is made from gathered state, so ranks never disagree. The online surface below is the same in every
-run mode; a rank that holds no coordinator says so.
+Two control-plane exchanges per step: gather (each rank's load, what its previous step produced),
+the leader takes that step back and plans this one, broadcast (plan, changed outputs); then every
+rank runs one forward (empty if it has no work; none when no rank has). A step's tokens thus show
+at the next boundary. The online surface is the same in every run mode.
 """
 import contextlib
 from collections.abc import Iterator
 
 from .coordinator import Coordinator
+from .distributed import LocalGroup
 from .messages import StepPlanMsg
-from .group import LocalGroup
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 from .worker import RankWorker

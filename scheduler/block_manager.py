@@ -4,11 +4,9 @@ Only bookkeeping lives here: which physical block ids a request owns. The engine
 table into slots (`block_table[p // block_size] * block_size + p % block_size`); the simulator
 never touches tensors at all.
 
-Prefix caching: every FULL block whose KV has been computed gets a hash chained over the whole
-prefix (scheduler/prefix.py), so equal hashes mean equal prefixes, not just equal blocks. Blocks
-are reference counted so several requests share one cached block. A block whose
-count drops to zero keeps its hash and waits in an LRU pool; it is evicted (hash dropped) only
-when a fresh block is needed and no never-hashed block is left.
+Prefix caching: every FULL block whose KV has been computed gets its prefix hash (scheduler/prefix.py);
+blocks are reference counted and shared; a free hashed block waits in an LRU pool until a fresh block
+is needed and no never-hashed one is left.
 """
 from collections import OrderedDict, deque
 from dataclasses import dataclass

@@ -1,7 +1,5 @@
-"""Request routing after Gimbal (arXiv 2602.21626, see FACTS.md), made parametric: which DP rank a
-request goes to when it arrives (not the expert all-to-all, which engine/ep.py calls dispatch).
-
-choose_rank(req, candidates, state, params), in this order:
+"""Request routing after Gimbal (arXiv 2602.21626, FACTS.md): which DP rank a request goes to on
+arrival (not the expert all-to-all, engine/ep.py's dispatch). choose_rank, in this order:
   1. skip ranks whose KV use is >= kv_high (all of them full: the least full one);
   2. session stickiness: the session's last rank, unless overloaded;
   3. prefix affinity: the rank that most recently took a prompt with the same leading block(s),
@@ -10,12 +8,9 @@ choose_rank(req, candidates, state, params), in this order:
   5. else the lowest score = queued prefill tokens + this request's tokens net of the prefix-cache
      hits the rank likely has.
 "Overloaded": score more than sticky_gap_tokens above the lowest score. Ties go to the lower rank
-id; nothing is random, so every rank that replays the same calls agrees.
-
-The caller passes candidates that already include work it sent since their last report
-(optimistic accounting, see `with_pending`); `state` remembers sessions and prompt prefixes and is
-updated by `state.record(req, rank)` once the caller commits to the choice, so choose_rank itself
-has no side effect.
+id; nothing is random, so every rank that replays the same calls agrees. Candidates include the
+work sent since their report (`with_pending`); the caller records its choice (`state.record`), so
+choose_rank has no side effect.
 """
 from collections import OrderedDict
 from dataclasses import dataclass, replace
