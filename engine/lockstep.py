@@ -6,6 +6,7 @@ rank runs one forward (empty if it has no work; none when no rank has). A step's
 at the next boundary. The online surface is the same in every run mode.
 """
 import contextlib
+import threading
 from collections.abc import Iterator
 
 from .coordinator import Coordinator
@@ -27,7 +28,10 @@ class LLMEngine:
         self.worker, self.coordinator = worker, coordinator
         self.single = not several   # one instance: `coordinator` plans its steps
         self.planner = coordinator if self.single else remote
-        self.lock = lock or contextlib.nullcontext()
+        # add_request/abort may come from another thread (a server): one instance's coordinator is
+        # guarded while its step boundary runs; several instances' by the global scheduler's lock
+        self.lock = lock or threading.Lock()
+        self._boundary_lock = self.lock if self.single else contextlib.nullcontext()
         self.group = group or LocalGroup()
         self.ranks = ranks or list(range(self.group.world_size))   # global ranks of this instance
         self.instance = instance
@@ -86,7 +90,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One lockstep step on every rank of this instance; returns the outputs that changed."""
         gathered = self.group.gather((self.worker.load(), self._produced))
-        box = self._boundary(gathered) if self.is_leader else None
+        if self.is_leader:
+            with self._boundary_lock:
+                box = self._boundary(gathered)
+        else:
+            box = None
         msg, changed = self.group.broadcast(box)
         self._last = msg
         for spec in msg.assignments.get(self.worker.rank, []):
