@@ -108,3 +108,25 @@ def test_live_sbs_cost_model_fits_the_attention_context(tiny):
     prior = cost.coefficients
     llm.generate([list(range(3, 3 + n)) for n in (5, 60, 120)], SamplingParams(temperature=0, max_tokens=8))
     assert cost.num_obs > 0 and cost.coefficients[2] != prior[2]
+
+
+def test_two_control_plane_exchanges_per_step(tiny):
+    from engine.distributed import LocalGroup
+    calls = []
+
+    class Counting(LocalGroup):
+        def gather(self, obj):
+            calls.append("gather")
+            return super().gather(obj)
+
+        def broadcast(self, obj):
+            calls.append("broadcast")
+            return super().broadcast(obj)
+    eng = LLM(tiny).engine
+    eng.group = Counting()
+    rid = eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    n = 0
+    while eng.has_unfinished():
+        eng.step()
+        n += 1
+    assert len(eng.outputs[rid].token_ids) == 4 and calls == ["gather", "broadcast"] * n
