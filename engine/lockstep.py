@@ -71,8 +71,7 @@ class LLMEngine:
         return self._registry().steps
 
     def step_metrics(self) -> dict:
-        with self.lock:
-            return self._registry().step_metrics()
+        return self._registry().step_metrics()
 
     def request_rebalance(self) -> None:
         """EPLB at the next step boundary of every instance (a no-op on ranks without a
@@ -90,12 +89,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One lockstep step on every rank of this instance; returns the outputs that changed."""
         gathered = self.group.gather((self.worker.load(), self._produced))
-        if self.is_leader:
-            with self._boundary_lock:
-                box = self._boundary(gathered)
-        else:
-            box = None
-        msg, changed = self.group.broadcast(box)
+        msg, changed = self.group.broadcast(self._boundary(gathered) if self.is_leader else None)
         self._last = msg
         for spec in msg.assignments.get(self.worker.rank, []):
             self.worker.add(spec)
@@ -120,12 +114,11 @@ class LLMEngine:
 
     def _boundary(self, gathered) -> tuple[StepPlanMsg, list[RequestOutput]]:
         """The leader: take back the previous step, then plan this one."""
-        produced = [p for _, p in gathered if p is not None]
-        changed = []
-        if self._last is not None and (produced or self._last.aborts):
-            changed = self.planner.collect(produced, self._last, self.ranks, self.instance)
-        loads = [ld for ld, _ in gathered]
-        msg = self.planner.plan(loads, self.ranks, self.instance)
+        produced, loads, changed = [p for _, p in gathered if p is not None], [ld for ld, _ in gathered], []
+        with self._boundary_lock:
+            if self._last is not None and (produced or self._last.aborts):
+                changed = self.planner.collect(produced, self._last, self.ranks, self.instance)
+            msg = self.planner.plan(loads, self.ranks, self.instance)
         busy = any(ld.num_running or ld.num_waiting for ld in loads)
         msg.run = busy or bool(msg.assignments or msg.sends or msg.recvs)
         return msg, changed
