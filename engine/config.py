@@ -16,6 +16,8 @@ class EngineConfig:
     linear_backend: str = "auto"            # torch | triton | auto (dense GEMMs; triton keeps FP8 weights)
     moe_backend: str = "auto"               # torch | triton | auto (routers and routed experts)
     all_to_all_backend: str = "torch"       # torch | deepep
+    deepep_fp8: bool = True                 # deepep: FP8 dispatch payloads where the hidden size allows
+    two_batch_overlap: bool = False         # EP: two micro-batches per MoE layer, exchange under compute
     scheduler: str = "sbs"                  # sbs | immediate-rr | immediate-lb | adp-balance
     scheduler_options: dict = field(default_factory=dict)
     order: str = "fcfs"                     # request order inside a rank: fcfs | sjf | priority

@@ -5,7 +5,7 @@ from model.config import load_config
 from model.loader import load_model
 from model.tokenizer import load_tokenizer
 from . import distributed, kv_cache
-from .ep import ExpertPlacement, make_all_to_all
+from .ep import DeepEPComm, ExpertPlacement, make_all_to_all
 from .expert_balancer import ExpertBalancer
 from .instances import CoordinatorServer, RemoteCoordinator, instance_ranks
 from .pd import Transfers
@@ -50,8 +50,11 @@ class LLM:
                          local_experts=placement.local_experts(local_rank) if placement else None)
         net.set_backend(attention=attn, moe=moe, linear=linear)
         if n > 1:
+            comm = (DeepEPComm(pg, n, n * placement.slots_per_rank, mc.hidden_size, cfg.max_num_seqs,
+                               cfg.deepep_fp8) if cfg.all_to_all_backend == "deepep" and net.moe_layers() else None)
             for layer in net.moe_layers():   # one exchange per layer: EPLB places each layer alone
-                layer.ep = make_all_to_all(cfg.all_to_all_backend, placement, pg)
+                layer.ep = make_all_to_all(cfg.all_to_all_backend, placement, pg,
+                                           2 if cfg.two_batch_overlap else 1, comm)
         net.eval()
         self.tokenizer = load_tokenizer(model)
         max_len = cfg.max_model_len or mc.max_position_embeddings

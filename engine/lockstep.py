@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from .coordinator import Coordinator
 from .distributed import LocalGroup
+from .ep import set_step_mode
 from .messages import StepPlanMsg
 from .outputs import RequestOutput
 from .sampling import SamplingParams
@@ -103,6 +104,7 @@ class LLMEngine:
             for recv in msg.recvs.get(self.worker.rank, []):
                 self.worker.recv_kv(recv)
             self.worker.transfers.poll(wait=msg.stop)
+        set_step_mode(self.worker.runner.model, msg.decode_only)
         self._produced = self.worker.step() if msg.run else None
         self.stopped = msg.stop
         if self.single and not self.is_leader:
@@ -121,6 +123,8 @@ class LLMEngine:
             msg = self.planner.plan(loads, self.ranks, self.instance)
         busy = any(ld.num_running or ld.num_waiting for ld in loads)
         msg.run = busy or bool(msg.assignments or msg.sends or msg.recvs)
+        msg.decode_only = (all(ld.waiting_prefill_tokens == 0 for ld in loads)
+                           and not any(msg.assignments.values()) and not any(msg.recvs.values()))
         return msg, changed
 
     def stream(self) -> Iterator[RequestOutput]:

@@ -73,3 +73,4 @@ class StepPlanMsg:
     run: bool = True          # some rank has work: every rank runs a forward (else none does)
     sends: dict[int, list[Send]] = field(default_factory=dict)   # P/D: KV to send, per prefill rank
     recvs: dict[int, list[Recv]] = field(default_factory=dict)   # P/D: KV to receive, per decode rank
+    decode_only: bool = False # no rank prefills this step (EP: DeepEP's low-latency kernels)
