@@ -111,7 +111,7 @@ class TorchAllToAll(_Exchange):
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """-> ([received tokens [M, H], local slot ids [M, k] (-1: not here), weights [M, k]],
         works to wait on before using them, handle)."""
-        T, k = topk_ids.shape
+        T = topk_ids.shape[0]
         W, S = self.placement.world_size, self.placement.slots_per_rank
         phys = self.placement.physical(topk_ids)                       # [T, k]
         dest = phys // S
@@ -169,9 +169,9 @@ def _import_deep_ep():
                            "github.com/deepseek-ai/DeepEP, built against NVSHMEM), which is not importable "
                            f"here ({e}); use all_to_all_backend='torch'") from None
     missing = [a for a in ("Buffer", "Config") if not hasattr(deep_ep, a)]
-    missing += [m for m in ("get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch",
-                            "low_latency_combine", "clean_low_latency_buffer", "get_low_latency_rdma_size_hint")
-                if not hasattr(getattr(deep_ep, "Buffer", None), m)]
+    calls = ("get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch", "low_latency_combine",
+             "clean_low_latency_buffer", "get_low_latency_rdma_size_hint")
+    missing += [m for m in calls if not hasattr(getattr(deep_ep, "Buffer", None), m)]
     if missing:
         raise RuntimeError(f"the installed deep_ep lacks {missing} (it needs DeepEP's Buffer API with "
                            "normal and low-latency kernels); use all_to_all_backend='torch'")
@@ -269,8 +269,9 @@ class DeepEPAllToAll(_Exchange):
         per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(phys, c.num_experts)
         payload = _fp8_rows(x) if c.fp8_normal else x.contiguous()
         recv, ridx, rw, _, handle, _ = buf.dispatch(
-            payload, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert, topk_idx=phys, topk_weights=topk_weights.float().contiguous())
+            payload, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=phys,
+            topk_weights=topk_weights.float().contiguous())
         return ("normal", recv, ridx, rw, handle, x.dtype)
 
     def _compute(self, s, experts):
@@ -283,7 +284,8 @@ class DeepEPAllToAll(_Exchange):
         rx = _unfp8(*recv, dtype) if isinstance(recv, tuple) else recv.to(dtype)
         S, N, H = rx.shape
         row = torch.arange(N, device=rx.device)
-        slot = torch.where(row[None] < counts[:, None].to(row.device), torch.arange(S, device=rx.device)[:, None], -1)
+        valid = row[None] < counts[:, None].to(row.device)
+        slot = torch.where(valid, torch.arange(S, device=rx.device)[:, None], -1)
         y = experts.compute(rx.reshape(S * N, H), slot.reshape(-1, 1), torch.ones(S * N, 1, device=rx.device))
         return y.view(S, N, H).contiguous()
 
@@ -319,6 +321,6 @@ def make_all_to_all(backend: str, placement: ExpertPlacement, group=None, micro_
         return TorchAllToAll(placement, group, micro_batches)
     if backend == "deepep":
         if comm is None:
-            raise ValueError("the deepep backend needs a DeepEPComm (engine.ep.DeepEPComm) shared by the layers")
+            raise ValueError("the deepep backend needs a DeepEPComm (engine.ep) shared by the layers")
         return DeepEPAllToAll(placement, comm, micro_batches)
     raise ValueError(f"unknown all-to-all backend {backend!r} (expected torch or deepep)")

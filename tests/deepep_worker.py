@@ -1,7 +1,6 @@
 """Run under torchrun by tests/test_deepep.py with tests/deep_ep_emul on PYTHONPATH (the emulated
 deep_ep): `torchrun --nproc-per-node N tests/deepep_worker.py MODE OUT [MODEL]`."""
 import json
-import os
 import sys
 
 import torch
@@ -29,7 +28,9 @@ def api(out_prefix):
     E = W * L
     T = [5, 0, 3][rank]
     gen = torch.Generator().manual_seed(rank)
-    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.int64)
+    idx = torch.zeros(0, k, dtype=torch.int64)
+    if T:
+        idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
     if T:
         idx[0, 1] = -1                                          # a choice that selects nothing
     x = torch.arange(T, dtype=torch.float32)[:, None].repeat(1, H) + 1000 * rank
@@ -42,8 +43,9 @@ def api(out_prefix):
            "per_rank": per_rank.tolist() == [int(((idx // L) == r).any(1).sum()) for r in range(W)],
            "per_expert": per_expert.tolist() == [int((idx == e).sum()) for e in range(E)],
            "in_rank": bool((in_rank == torch.stack([((idx // L) == r).any(1) for r in range(W)], 1)).all())}
-    recv, ridx, rw, counts, handle, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                                      num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
+    recv, ridx, rw, counts, handle, _ = buf.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=idx, topk_weights=w)
     # what should arrive: from each source rank in rank order, its tokens that touch me, in token order
     want_src, want_idx = [], []
     for s, ids in enumerate(all_idx):
@@ -59,7 +61,7 @@ def api(out_prefix):
     again, *nothing, _ = buf.dispatch(x * 2, handle=handle)             # cached layout
     res["cached_dispatch"] = torch.equal(again, recv * 2) and nothing == [None, None, None, None]
     back, _, _ = buf.combine(recv, handle)                              # unweighted sum per token
-    touched = torch.stack([((idx >= 0) & (idx // L == r)).any(1) for r in range(W)], 1).sum(1) if T else torch.zeros(0)
+    touched = torch.stack([((idx >= 0) & (idx // L == r)).any(1) for r in range(W)], 1).sum(1)
     res["combine"] = torch.equal(back, x * touched[:, None].float()) if T else back.shape == (0, H)
     try:
         buf.low_latency_dispatch(x, idx, 8, E, use_fp8=False)
@@ -87,7 +89,8 @@ def api(out_prefix):
                 ok &= c == len(toks) and hd[0][le, begin:begin + c].tolist() == toks
                 src += [1000 * s + t for t in toks]
             tol = 0.07 * (max(src) + 1) if src and fp8 else 0
-            ok &= bool(((px[le, :n, 0] - torch.tensor(src, dtype=torch.float32)).abs() <= tol).all()) if n else True
+            if n:
+                ok &= bool(((px[le, :n, 0] - torch.tensor(src, dtype=torch.float32)).abs() <= tol).all())
         y = (px if fp8 else packed).float().contiguous()
         comb, _, _ = buf.low_latency_combine(y, idx, w, hd)
         want = (xx * (w * (idx >= 0)).sum(1, keepdim=True)) if T else xx
@@ -98,7 +101,13 @@ def api(out_prefix):
 
 def a2a(out_prefix):
     """deepep backend (emulated) against the torch backend and the closed form; then api()."""
-    from engine.ep import DeepEPComm, ExpertPlacement, _fp8_rows, _unfp8, make_all_to_all
+    from engine.ep import (
+        DeepEPComm,
+        ExpertPlacement,
+        _fp8_rows,
+        _unfp8,
+        make_all_to_all,
+    )
     from scheduler.eplb import Placement
     dist.init_process_group("gloo")
     rank, W, E, k = dist.get_rank(), dist.get_world_size(), 6, 3

@@ -62,16 +62,18 @@ class Config:
                  num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens):
         assert num_sms >= 0 and 0 < num_max_nvl_chunked_send_tokens < num_max_nvl_chunked_recv_tokens
         assert num_max_rdma_chunked_send_tokens > 0 and num_max_rdma_chunked_recv_tokens > 0
-        r = -(-num_max_rdma_chunked_recv_tokens // num_max_rdma_chunked_send_tokens) * num_max_rdma_chunked_send_tokens
+        send = num_max_rdma_chunked_send_tokens
+        r = -(-num_max_rdma_chunked_recv_tokens // send) * send
         assert num_max_rdma_chunked_send_tokens <= r // 2
         self.num_sms, self.num_max_nvl_chunked_send_tokens = num_sms, num_max_nvl_chunked_send_tokens
         self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
-        self.num_max_rdma_chunked_send_tokens, self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_send_tokens, r
+        self.num_max_rdma_chunked_send_tokens, self.num_max_rdma_chunked_recv_tokens = send, r
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         assert num_ranks < _NUM_MAX_NVL_PEERS or num_ranks % _NUM_MAX_NVL_PEERS == 0
-        rdma, nvl, ch = max(num_ranks // _NUM_MAX_NVL_PEERS, 1), min(num_ranks, _NUM_MAX_NVL_PEERS), self.num_sms // 2
-        per_tok = hidden_bytes + 8 + 128 * 8 + 128 * 4 + 128 * 4   # data, source meta, top-k ids/weights, scales
+        rdma, nvl = max(num_ranks // _NUM_MAX_NVL_PEERS, 1), min(num_ranks, _NUM_MAX_NVL_PEERS)
+        ch = self.num_sms // 2
+        per_tok = hidden_bytes + 8 + 128 * 8 + 128 * 4 + 128 * 4   # data, source meta, top-k, scales
         n = ch * nvl * (2 * rdma + 3) * 4 + ch * nvl * self.num_max_nvl_chunked_recv_tokens * per_tok
         return -(-n // 128) * 128
 
@@ -81,7 +83,7 @@ class Config:
         assert num_ranks % _NUM_MAX_NVL_PEERS == 0
         rdma, ch = num_ranks // _NUM_MAX_NVL_PEERS, self.num_sms // 2
         per_tok = (hidden_bytes + 8 + 128 * 8 + 128 * 4 + 128 * 4 + 16) * 2
-        n = ch * rdma * (_NUM_MAX_NVL_PEERS * 2 + 2) * 2 * 4 + ch * rdma * self.num_max_rdma_chunked_recv_tokens * per_tok
+        n = ch * rdma * ((_NUM_MAX_NVL_PEERS * 2 + 2) * 8 + self.num_max_rdma_chunked_recv_tokens * per_tok)
         return -(-n // 128) * 128
 
 
@@ -131,7 +133,8 @@ def _a2a(t: torch.Tensor, recv_splits, send_splits, group, async_op=False):
     else:
         raw, back = src, (lambda o: o)
     out = raw.new_empty((sum(recv_splits),) + tuple(raw.shape[1:]))
-    work = dist.all_to_all_single(out, raw, list(recv_splits), list(send_splits), group=group, async_op=async_op)
+    work = dist.all_to_all_single(out, raw, list(recv_splits), list(send_splits), group=group,
+                                  async_op=async_op)
 
     def result():
         if work is not None and async_op:
@@ -157,7 +160,8 @@ class Buffer:
             self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self._ll_dirty = False         # normal kernels ran since the last clean
         self._destroyed = False
-        self.stats = {"normal_dispatch": 0, "normal_combine": 0, "ll_dispatch": 0, "ll_combine": 0, "clean": 0}
+        kinds = ("normal_dispatch", "normal_combine", "ll_dispatch", "ll_combine", "clean")
+        self.stats = dict.fromkeys(kinds, 0)   # calls made, for tests
 
     # ---- static helpers ------------------------------------------------------------------------
     @staticmethod
@@ -216,7 +220,8 @@ class Buffer:
         per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).to(torch.int32)
         per_rdma = None
         if W > _NUM_MAX_NVL_PEERS:
-            per_rdma = is_token_in_rank.view(T, W // _NUM_MAX_NVL_PEERS, _NUM_MAX_NVL_PEERS).any(-1).sum(0).int()
+            nodes = is_token_in_rank.view(T, W // _NUM_MAX_NVL_PEERS, _NUM_MAX_NVL_PEERS)
+            per_rdma = nodes.any(-1).sum(0).int()
         return per_rank, per_rdma, per_expert, is_token_in_rank, EventOverlap()
 
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
@@ -253,7 +258,8 @@ class Buffer:
                 assert topk_weights.dtype == torch.float32 and topk_idx.dtype == topk_idx_t
             # every rank learns the whole [W, W] send-count matrix (DeepEP's notify kernel)
             counts = torch.empty(W * W, dtype=torch.int64)   # (gloo gathers int64)
-            dist.all_gather_into_tensor(counts, num_tokens_per_rank.to(torch.int64).cpu().contiguous(), group=g)
+            gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+            gather(counts, num_tokens_per_rank.to(torch.int64).cpu().contiguous(), group=g)
             rank_prefix = counts.view(W, W).cumsum(0).to(torch.int32)
         send_splits = is_token_in_rank.sum(0).tolist()
         col = rank_prefix[:, me].tolist()
@@ -298,8 +304,9 @@ class Buffer:
             else:
                 out_x = recv_x
             if recv_topk_idx is not None:
-                recv_topk_idx = torch.cat([recv_topk_idx, recv_topk_idx.new_full((pad, recv_topk_idx.shape[1]), -1)])
-                recv_topk_weights = torch.cat([recv_topk_weights, recv_topk_weights.new_zeros(pad, recv_topk_weights.shape[1])])
+                kk = recv_topk_idx.shape[1]
+                recv_topk_idx = torch.cat([recv_topk_idx, recv_topk_idx.new_full((pad, kk), -1)])
+                recv_topk_weights = torch.cat([recv_topk_weights, recv_topk_weights.new_zeros(pad, kk)])
             per_expert_list = []
         return out_x, recv_topk_idx, recv_topk_weights, per_expert_list, new_handle, EventOverlap()
 
@@ -337,10 +344,11 @@ class Buffer:
 
     def _check_nvl_bytes(self, config, hidden_bytes):
         need = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size) if self.group_size <= 8 else 0
-        assert self.num_nvl_bytes >= need, f"num_nvl_bytes {self.num_nvl_bytes} < {need} needed by this config"
+        assert self.num_nvl_bytes >= need, f"num_nvl_bytes {self.num_nvl_bytes} < {need} needed"
 
     # ---- low-latency mode ------------------------------------------------------------------------
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
         assert self.low_latency_mode
         self._ll_dirty = False
         self.stats["clean"] += 1
@@ -359,7 +367,7 @@ class Buffer:
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False):
         self._check_alive()
-        W, me, g, cap = self.group_size, self.rank, self.group, num_max_dispatch_tokens_per_rank
+        W, g, cap = self.group_size, self.group, num_max_dispatch_tokens_per_rank
         assert x.dim() == 2 and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32), \
             "DeepEP low-latency dispatch takes bf16"
         T, H = x.shape
@@ -423,11 +431,11 @@ class Buffer:
         return out, packed_count, handle, EventOverlap(), (hook if return_recv_hook else (lambda: None))
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
-                            zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
-                            out=None, combine_wait_recv_cost_stats=None):
+                            zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out=None, combine_wait_recv_cost_stats=None):
         self._check_alive()
         W, g = self.group_size, self.group
-        src_info, layout_range, cap, H, num_experts = handle
+        _, layout_range, cap, H, num_experts = handle
         L = num_experts // W
         assert x.dim() == 3 and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32), \
             "DeepEP low-latency combine takes bf16"
@@ -451,7 +459,8 @@ class Buffer:
         order = torch.argsort(e * (T + 1) + pair // k, stable=True)
         pair = pair[order]
         recv_splits = torch.bincount(e // L, minlength=W).tolist()
-        pending = _a2a(torch.cat(rows) if rows else x.new_zeros(0, H), recv_splits, per_dest, g, async_op=True)
+        payload = torch.cat(rows) if rows else x.new_zeros(0, H)
+        pending = _a2a(payload, recv_splits, per_dest, g, async_op=True)
         result = out if out is not None else torch.empty(T, H, dtype=x.dtype)
 
         def hook():
@@ -465,5 +474,5 @@ class Buffer:
         return result, EventOverlap(), (hook if return_recv_hook else (lambda: None))
 
     def get_next_low_latency_combine_buffer(self, handle):
-        src_info, layout_range, cap, H, num_experts = handle
+        _, _, cap, H, num_experts = handle
         return torch.empty(num_experts // self.group_size, self.group_size * cap, H, dtype=torch.bfloat16)
