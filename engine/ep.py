@@ -187,7 +187,7 @@ def deepep_buffer_bytes(deep_ep, num_ranks: int, hidden: int, num_experts: int, 
         configs = (B.get_dispatch_config(num_ranks), B.get_combine_config(num_ranks))
     except AssertionError:
         raise RuntimeError(f"DeepEP's normal kernels have no config for an EP group of {num_ranks} ranks "
-                           "(they run on 2, 4 or 8 ranks in a node, or multiples of 8 across nodes)") from None
+                           "(they run on 2, 4 or 8 ranks per node, or multiples of 8 across nodes)") from None
     hidden_bytes = hidden * 2   # DeepEP moves bf16 rows (FP8 rows and their scales fit in the same)
     nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
@@ -268,15 +268,18 @@ class DeepEPAllToAll(_Exchange):
         c._normal_used = True
         per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(phys, c.num_experts)
         payload = _fp8_rows(x) if c.fp8_normal else x.contiguous()
-        recv, ridx, rw, _, handle, _ = buf.dispatch(
+        # async_finish: the kernels run on DeepEP's stream; the compute stream waits on the event only
+        # when this part's experts start, so another part's work overlaps the transfer
+        recv, ridx, rw, _, handle, event = buf.dispatch(
             payload, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
             is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=phys,
-            topk_weights=topk_weights.float().contiguous())
-        return ("normal", recv, ridx, rw, handle, x.dtype)
+            topk_weights=topk_weights.float().contiguous(), async_finish=True)
+        return ("normal", recv, ridx, rw, handle, x.dtype, event)
 
     def _compute(self, s, experts):
         if s[0] == "normal":
-            _, recv, ridx, rw, _, dtype = s
+            _, recv, ridx, rw, _, dtype, event = s
+            event.current_stream_wait()
             rx = _unfp8(*recv, dtype) if isinstance(recv, tuple) else recv
             return experts.compute(rx, ridx, rw)
         _, recv, counts, _, hook, _, _, dtype = s
@@ -292,8 +295,12 @@ class DeepEPAllToAll(_Exchange):
     def _combine(self, s, y):
         buf = self.comm.buffer
         if s[0] == "normal":
-            out, _, _ = buf.combine(y.contiguous(), s[4])
-            return lambda: out
+            out, _, event = buf.combine(y.contiguous(), s[4], async_finish=True)
+
+            def finished():
+                event.current_stream_wait()
+                return out
+            return finished
         _, _, _, handle, _, phys, weights, _ = s
         out, _, hook = buf.low_latency_combine(y, phys.contiguous(), weights, handle, return_recv_hook=True)
 
