@@ -196,6 +196,16 @@ def deepep_buffer_bytes(deep_ep, num_ranks: int, hidden: int, num_experts: int, 
     return nvl, rdma
 
 
+# hidden sizes DeepEP's low-latency kernels are compiled for (SWITCH_HIDDEN in csrc/kernels/legacy/launch.cuh)
+_LL_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+
+
+def low_latency_hidden_ok(deep_ep, hidden: int) -> bool:
+    """A deep_ep module may list its own sizes (LOW_LATENCY_HIDDEN_SIZES; None: any multiple of 128)."""
+    sizes = getattr(deep_ep, "LOW_LATENCY_HIDDEN_SIZES", _LL_HIDDEN)
+    return hidden % 128 == 0 and (sizes is None or hidden in sizes)
+
+
 def _fp8_rows(x: torch.Tensor):
     """[T, H] -> (e4m3 [T, H], fp32 scales [T, H // 128]), one scale per token and 128 channels."""
     T, H = x.shape
@@ -216,14 +226,15 @@ class DeepEPComm:
 
     capacity: tokens per rank a low-latency dispatch can carry (all ranks hold the same value; the
     engine uses max_num_seqs, which bounds a decode-only step). Low-latency mode needs a hidden size
-    that is a multiple of 128; FP8 payloads need 512 there (128 in normal mode)."""
+    DeepEP compiled its kernels for (otherwise every step uses the normal kernels); FP8 payloads
+    need a multiple of 512 there (128 in normal mode)."""
 
     def __init__(self, group, num_ranks: int, num_experts: int, hidden: int, capacity: int,
                  fp8: bool = True, deep_ep=None):
         self.deep_ep = deep_ep or _import_deep_ep()
         self.num_experts, self.hidden = num_experts, hidden
         self.capacity = -(-capacity // 4) * 4        # DeepEP's TMA wants ranks * capacity % 4 == 0
-        self.low_latency_ok = hidden % 128 == 0
+        self.low_latency_ok = low_latency_hidden_ok(self.deep_ep, hidden)
         self.fp8_normal, self.fp8_ll = fp8 and hidden % 128 == 0, fp8 and hidden % 512 == 0
         nvl, rdma = deepep_buffer_bytes(self.deep_ep, num_ranks, hidden, num_experts, self.capacity,
                                         self.low_latency_ok)

@@ -65,6 +65,16 @@ def test_incomplete_deep_ep_names_what_is_missing(monkeypatch):
         DeepEPComm(None, 2, 8, 128, 4)
 
 
+def test_low_latency_only_for_compiled_hidden_sizes(emulated_deep_ep):
+    import types
+
+    from engine.ep import low_latency_hidden_ok
+    real = types.ModuleType("deep_ep")   # the real package lists no sizes: DeepEP's compiled ones apply
+    assert low_latency_hidden_ok(real, 7168) and low_latency_hidden_ok(real, 2048)
+    assert not low_latency_hidden_ok(real, 1024) and not low_latency_hidden_ok(real, 128)
+    assert low_latency_hidden_ok(emulated_deep_ep, 128) and not low_latency_hidden_ok(emulated_deep_ep, 64)
+
+
 def test_buffer_sizes_come_from_deep_ep_hints(emulated_deep_ep, monkeypatch):
     from engine.ep import deepep_buffer_bytes
     B = emulated_deep_ep.Buffer

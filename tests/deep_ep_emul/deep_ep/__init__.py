@@ -30,6 +30,9 @@ import torch.distributed as dist
 __version__ = "2.1.0-emulated"
 EMULATED = True
 topk_idx_t = torch.int64
+# emulator extra (DeepEP has no such attribute; engine.ep reads it when present): DeepEP compiles its
+# low-latency kernels for hidden 2048..8192 only; the emulator takes any multiple of 128 (tiny models)
+LOW_LATENCY_HIDDEN_SIZES = None
 _NUM_MAX_NVL_PEERS = 8
 _ALIGN = 128   # DeepEP rounds its size hints to this many bytes
 
