@@ -29,7 +29,8 @@ class ExpertPlacement:
         self.world_size, self.slots_per_rank = placement.world_size, placement.slots_per_rank
         reps = placement.replicas(num_experts)
         if any(not r for r in reps):
-            raise ValueError(f"placement leaves expert(s) {[e for e, r in enumerate(reps) if not r]} without a slot")
+            missing = [e for e, r in enumerate(reps) if not r]
+            raise ValueError(f"placement leaves expert(s) {missing} without a slot")
         width = max(len(r) for r in reps)
         self.replicas = torch.tensor([r + [r[0]] * (width - len(r)) for r in reps], dtype=torch.int64)
         self.num_replicas = torch.tensor([len(r) for r in reps], dtype=torch.int64)
@@ -127,10 +128,12 @@ class TorchAllToAll(_Exchange):
         rank, token = pair // T, pair % T
         mine = dest[token] == rank[:, None]                            # [P, k] choices served there
         slots = torch.where(mine, phys[token] % S, torch.full_like(phys[token], -1))
-        weights = torch.where(mine, topk_weights[token].float(), torch.zeros_like(topk_weights[token].float()))
+        w = topk_weights[token].float()
+        weights = torch.where(mine, w, torch.zeros_like(w))
         # the three payloads travel together; whoever calls dispatch may compute meanwhile
         sent = [self._a2a(t, recv_counts, send_counts, async_op=True) for t in (x[token], slots, weights)]
-        return [out for out, _ in sent], [work for _, work in sent], DispatchHandle(token, rank, send_counts, recv_counts, T)
+        handle = DispatchHandle(token, rank, send_counts, recv_counts, T)
+        return [out for out, _ in sent], [work for _, work in sent], handle
 
     def combine(self, y: torch.Tensor, h: DispatchHandle) -> torch.Tensor:
         """Partial sums (already weighted) back to their tokens, summed over ranks."""

@@ -50,8 +50,10 @@ class LLM:
                          local_experts=placement.local_experts(local_rank) if placement else None)
         net.set_backend(attention=attn, moe=moe, linear=linear)
         if n > 1:
-            comm = (DeepEPComm(pg, n, n * placement.slots_per_rank, mc.hidden_size, cfg.max_num_seqs,
-                               cfg.deepep_fp8) if cfg.all_to_all_backend == "deepep" and net.moe_layers() else None)
+            comm = None
+            if cfg.all_to_all_backend == "deepep" and net.moe_layers():   # one DeepEP buffer per group
+                comm = DeepEPComm(pg, n, n * placement.slots_per_rank, mc.hidden_size, cfg.max_num_seqs,
+                                  cfg.deepep_fp8)
             for layer in net.moe_layers():   # one exchange per layer: EPLB places each layer alone
                 layer.ep = make_all_to_all(cfg.all_to_all_backend, placement, pg,
                                            2 if cfg.two_batch_overlap else 1, comm)

@@ -108,7 +108,7 @@ def a2a(out_prefix):
         _unfp8,
         make_all_to_all,
     )
-    from scheduler.eplb import Placement
+    from scheduler.expert_placement import Placement
     dist.init_process_group("gloo")
     rank, W, E, k = dist.get_rank(), dist.get_world_size(), 6, 3
     # uneven ownership, and experts 1 and 4 have a copy on each rank
