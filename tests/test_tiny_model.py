@@ -98,13 +98,14 @@ def hf_greedy(path, prompt_ids, n, dtype):
 
 
 def test_trained_greedy_matches_transformers_fp32(trained):
-    """96 greedy tokens per prompt (past EOS: the model starts another topic), token for token."""
+    """80 greedy tokens per prompt (past EOS: the model starts another topic), token for token."""
     from engine import LLM, SamplingParams
     path, tok, prompt_ids = trained
-    ref = hf_greedy(path, prompt_ids, 96, torch.float32)
+    prompt_ids = prompt_ids[::2] + prompt_ids[1:2]   # 4 prompts: transformers' generate is the slow part
+    ref = hf_greedy(path, prompt_ids, 80, torch.float32)
     outs = LLM(path, kv_block_size=16).generate(
-        prompt_ids, SamplingParams(temperature=0, max_tokens=96, ignore_eos=True))
-    for p, o, r in zip(PROMPTS, outs, ref):
+        prompt_ids, SamplingParams(temperature=0, max_tokens=80, ignore_eos=True))
+    for p, o, r in zip(prompt_ids, outs, ref):
         assert o.token_ids == r, (p, tok.decode(o.token_ids), tok.decode(r))
 
 
@@ -113,10 +114,11 @@ def test_trained_greedy_matches_transformers_fp32(trained):
 def test_trained_greedy_matches_transformers_bf16(trained):
     from engine import LLM, SamplingParams
     path, tok, prompt_ids = trained
+    prompt_ids = prompt_ids[:4]
     ref = hf_greedy(path, prompt_ids, 64, torch.bfloat16)
     outs = LLM(path, dtype="bfloat16", kv_block_size=16).generate(
         prompt_ids, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
-    for p, o, r in zip(PROMPTS, outs, ref):
+    for p, o, r in zip(prompt_ids, outs, ref):
         assert o.token_ids == r, (p, tok.decode(o.token_ids), tok.decode(r))
 
 
