@@ -109,7 +109,9 @@ def test_trained_greedy_matches_transformers_fp32(trained):
         assert o.token_ids == r, (p, tok.decode(o.token_ids), tok.decode(r))
 
 
-@pytest.mark.xfail(reason="bf16 rope / router-bias precision of the engine (issue 14) may flip a token",
+# Fails today: one of the 4 prompts parts from transformers within 64 tokens, on main and also with
+# issue 14's bf16 fixes (rope/router bias in fp32, commit cb0581b) applied: bf16 rounding differs.
+@pytest.mark.xfail(reason="engine bf16 greedy parts from transformers' bf16 on one prompt (see comment)",
                    strict=False)
 def test_trained_greedy_matches_transformers_bf16(trained):
     from engine import LLM, SamplingParams
