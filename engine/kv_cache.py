@@ -15,6 +15,7 @@ def plan_num_blocks(model_cfg, cfg, max_model_len: int, dtype, device) -> int:
     per_block = bytes_per_block(model_cfg, cfg.kv_block_size, dtype)
     useful = cfg.max_num_seqs * -(-max_model_len // cfg.kv_block_size)
     if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()   # cached blocks freed by the load (casts, fp8 swaps) count as free
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - cfg.gpu_memory_utilization) * total
     else:
