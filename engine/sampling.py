@@ -131,7 +131,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], keys: list[i
     topk), else the whole vocabulary sorted once for the batch. Then, as vLLM orders them:
     temperature, top-k, min-p (relative to the best probability), top-p (smallest prefix reaching
     the mass, at least one token), and the race."""
-    dev, (B, V) = logits.device, logits.shape
+    dev, V = logits.device, logits.shape[1]
     ks = [p.top_k if 0 < p.top_k < V else V for p in params]
     if max(ks) <= TOPK_CAP:
         vals, idx = logits.topk(max(ks), dim=-1)          # sorted, descending
