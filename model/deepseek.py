@@ -124,7 +124,8 @@ class Rotary(KeepFp32, nn.Module):
         key = ("rope", dtype)
         if cache is not None and key in cache:
             return cache[key]
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)
+        inv = self.inv_freq
+        freqs = positions[:, None].float() * (inv if inv.device == positions.device else inv.to(positions.device))
         out = ((freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype))
         if cache is not None:
             cache[key] = out
@@ -328,13 +329,20 @@ class MoE(nn.Module):
         # experts, overlap) -> (routed output for x, overlap()) (dispatch, compute, combine).
         self.ep = None
         self.expert_load: torch.Tensor | None = None   # set by the engine when EPLB is on
+        self.num_real_tokens: int | None = None   # static decode: rows past it are padding (no expert)
 
     def forward(self, x):
         weights, ids = self.gate(x)
+        real = self.num_real_tokens
         if self.expert_load is not None:   # EPLB statistics: tokens routed to each logical expert
-            self.expert_load += torch.bincount(ids.flatten(), minlength=self.expert_load.numel())
+            flat = ids[:real].flatten()   # scatter_add: bincount on CUDA reads its max back (a host sync)
+            self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
         shared = (lambda: self.shared_experts(x)) if self.shared_experts is not None else (lambda: None)
-        if self.ep is None:
+        if self.ep is None and real is not None:   # padding rows choose no expert (slot -1)
+            slots = self.experts.expert_map[ids]
+            slots[real:] = -1
+            routed, side = self.experts.compute(x, slots, weights), shared()
+        elif self.ep is None:
             routed, side = self.experts(x, ids, weights), shared()
         else:   # the shared experts run while the tokens are on the wire
             routed, side = self.ep.run(x, ids, weights, self.experts, overlap=shared)
