@@ -83,8 +83,9 @@ def stage1(s: Stage):
     if s.dry:   # the CPU CI already runs them all; here one quick file keeps the path alive
         args, env["STAGGER_TEST_DEVICE"] = ["tests/test_kernels_rmsnorm.py", "-k", "single_token"], "cpu"
     else:
-        args, env["STAGGER_TEST_DEVICE"] = ["tests/" + f for f in sorted(os.listdir(os.path.join(ROOT, "tests")))
-                                            if f.startswith("test_kernels_")], "cuda"
+        files = sorted(os.listdir(os.path.join(ROOT, "tests")))
+        args = ["tests/" + f for f in files if f.startswith("test_kernels_")]
+        env["STAGGER_TEST_DEVICE"] = "cuda"
         env.pop("TRITON_INTERPRET", None)
     xml = os.path.join(tempfile.mkdtemp(), "junit.xml")
     t = time.perf_counter()
@@ -132,7 +133,8 @@ def stage2(s: Stage):
         rec = dict(preset=preset + ("-fp8" if fp8 else ""), tokens=n * len(prompts))
         backend = "torch" if s.dry else "triton"
         dev = str(s.dev)
-        got = _greedy(path, prompts, n, device=dev, dtype="float32", attention_backend=backend, moe_backend=backend)
+        got = _greedy(path, prompts, n, device=dev, dtype="float32", attention_backend=backend,
+                      moe_backend=backend)
         rec["device_vs_cpu_fp32_same_prefix"] = _same_prefix(got, ref)
         if static:
             g2 = _greedy(path, prompts, n, device=dev, dtype="float32", attention_backend=backend,
@@ -240,7 +242,8 @@ def _profile_decode(llm, prompts, s: Stage) -> dict:
     for p in prompts:
         eng.add_request(p, sp)
     eng.step()   # prefill
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if not s.dry else [])
+    PA = torch.profiler.ProfilerActivity
+    acts = [PA.CPU] + ([PA.CUDA] if not s.dry else [])
     from bench.host_syncs import HostSyncCounter
     with HostSyncCounter() as sc, torch.profiler.profile(activities=acts) as prof:
         t = time.perf_counter()
@@ -258,8 +261,8 @@ def _profile_decode(llm, prompts, s: Stage) -> dict:
         busy = sum(e.self_device_time_total for e in kern) / 1e3
         res["gpu_busy_frac"] = busy / (wall * 1e3)
         res["stream_syncs_per_step"] = sum(e.count for e in ev if "Synchronize" in e.key) / 3
-        res["kernel_launches_per_step"] = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                                             "cudaLaunchKernelExC")) / 3
+        launch = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        res["kernel_launches_per_step"] = sum(e.count for e in ev if e.key in launch) / 3
         top = sorted(kern, key=lambda e: -e.self_device_time_total)[:6]
         res["top_kernels"] = [(e.key[:60], round(e.self_device_time_total / 3e3, 3)) for e in top]
     else:
@@ -320,14 +323,14 @@ def stage5(s: Stage):
         rec["frac_of_copy_bw"] = rec["gbps"] / (peaks["copy_gbps"] / 2)   # copy counts read + write
     s.record(**rec)
     # fused MoE: 4096 tokens, 64 experts top-6, hidden 2048, inter 1408 (dry: 8 tokens, tiny)
-    T, E, k, Hd, I = (8, 4, 2, 64, 32) if dry else (4096, 64, 6, 2048, 1408)
+    T, E, k, Hd, Di = (8, 4, 2, 64, 32) if dry else (4096, 64, 6, 2048, 1408)
     x = torch.randn(T, Hd, device=dev, dtype=dt)
-    w13 = torch.randn(E, 2 * I, Hd, device=dev, dtype=dt) * Hd ** -0.5
-    w2 = torch.randn(E, Hd, I, device=dev, dtype=dt) * I ** -0.5
+    w13 = torch.randn(E, 2 * Di, Hd, device=dev, dtype=dt) * Hd ** -0.5
+    w2 = torch.randn(E, Hd, Di, device=dev, dtype=dt) * Di ** -0.5
     ids = torch.randint(0, E, (T, k), device=dev)
     w = torch.rand(T, k, device=dev)
     ms = _graph_ms(lambda: fused_moe_triton(x, w13, w2, ids, w), dev)
-    tflops = 2 * T * k * 3 * Hd * I / ms / 1e9
+    tflops = 2 * T * k * 3 * Hd * Di / ms / 1e9
     rec = dict(kernel="fused_moe", tokens=T, experts=E, top_k=k, ms=ms, tflops=tflops)
     if peaks:
         rec["frac_of_bf16_peak"] = tflops / peaks["bf16_tflops"]
@@ -413,7 +416,8 @@ def main(argv=None):
         cmd += ["--dry-run"] if a.dry_run else []
         try:
             with open(log, "w") as f:
-                p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=budgets[i])
+                p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                   timeout=budgets[i])
             status = "ok" if p.returncode == 0 else f"rc={p.returncode}"
         except subprocess.TimeoutExpired:
             status = "timeout"

@@ -147,7 +147,8 @@ def main(argv=None):
     with torch.inference_mode():
         ops, launches = count_launches(lambda: moe(x))
     n_layers = llm.model_config.num_hidden_layers
-    print(f"backend {a.backend}, batch {a.batch}, {n_layers} layers ({len(eng.worker.runner.model.moe_layers())} MoE), "
+    n_moe = len(eng.worker.runner.model.moe_layers())
+    print(f"backend {a.backend}, batch {a.batch}, {n_layers} layers ({n_moe} MoE), "
           f"eplb counting {'on' if a.eplb else 'off'}")
     print(f"host syncs per decode step: {(c.d2h + c.h2d) / a.steps:.1f} "
           f"(device->host {c.d2h / a.steps:.1f}, blocking host->device {c.h2d / a.steps:.1f})")

@@ -61,10 +61,14 @@ def main(argv=None):
     print(f"model: vocab 129280, hidden {a.hidden}, {a.layers} layers; {a.num_prompts} prompts x "
           f"{a.prompt_len} tokens -> {a.output_len} tokens; {a.runs} runs")
     for m in modes:
-        print(f"{m:8s} median {statistics.median(times[m]):7.3f} s (range {min(times[m]):.3f}-{max(times[m]):.3f})")
-    print(f"sampled/greedy wall: median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
-    print(f"sampled/greedy cpu:  median {statistics.median(cratios):.3f} (range {min(cratios):.3f}-{max(cratios):.3f})")
+        print(f"{m:8s} median {statistics.median(times[m]):7.3f} s ({_range(times[m])})")
+    print(f"sampled/greedy wall: median {statistics.median(ratios):.3f} ({_range(ratios)})")
+    print(f"sampled/greedy cpu:  median {statistics.median(cratios):.3f} ({_range(cratios)})")
     sampler_only(a.num_prompts)
+
+
+def _range(xs) -> str:
+    return f"range {min(xs):.3f}-{max(xs):.3f}"
 
 
 def _per_row_baseline(logits, params, gens):
@@ -100,7 +104,7 @@ def sampler_only(batch: int, reps: int = 10):
             for _ in range(reps):
                 fn()
             runs.append((time.process_time() - c) / reps * 1e3)
-        print(f"  {name:18s} median {statistics.median(runs):8.2f} ms (range {min(runs):.2f}-{max(runs):.2f})")
+        print(f"  {name:18s} median {statistics.median(runs):8.2f} ms ({_range(runs)})")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ def allocate(model_cfg, num_blocks: int, block_size: int, dtype, device) -> list
     """Per-layer caches of `num_blocks` blocks. Each is a view of a tensor one block longer: the block
     past the end is scratch that padded rows of a static decode batch may write (never allocated
     to a request)."""
-    return [torch.zeros(num_blocks + 1, block_size, model_cfg.kv_cache_dim, dtype=dtype, device=device)[:num_blocks]
-            for _ in range(model_cfg.num_hidden_layers)]
+    shape = (num_blocks + 1, block_size, model_cfg.kv_cache_dim)
+    layers = model_cfg.num_hidden_layers
+    return [torch.zeros(shape, dtype=dtype, device=device)[:num_blocks] for _ in range(layers)]
 
 
 def scratch_block(cache: torch.Tensor) -> int | None:

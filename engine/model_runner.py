@@ -16,7 +16,8 @@ class ModelRunner:
                  static_decode: bool = False, max_num_seqs: int = 64, max_model_len: int = 4096):
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.device, self.mla_path = block_size, device, mla_path
-        self.static = StaticDecode(kv_caches, block_size, device, max_num_seqs, max_model_len) if static_decode else None
+        self.static = (StaticDecode(kv_caches, block_size, device, max_num_seqs, max_model_len)
+                       if static_decode else None)
 
     def prepare(self, batch: ScheduledBatch):
         """-> (input ids, metadata, indices of rows whose logits are sampled, their requests)."""

@@ -92,7 +92,9 @@ class Sampler:
     def _stream(self, request_id: str, p: SamplingParams) -> list[int]:
         st = self.streams.get(request_id)
         if st is None:
-            seed = p.seed if p.seed is not None else int(torch.randint(0, 1 << 62, (), generator=self.default))
+            seed = p.seed
+            if seed is None:
+                seed = int(torch.randint(0, 1 << 62, (), generator=self.default))
             st = self.streams[request_id] = [_mix32(seed ^ (seed >> 32)) ^ _mix32(seed >> 31), 0]
         return st
 
@@ -105,7 +107,8 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, request_ids: list[str],
+                 params: list[SamplingParams]) -> list[int]:
         logits = logits.float()
         greedy = logits.argmax(-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -125,7 +125,9 @@ class Rotary(KeepFp32, nn.Module):
         if cache is not None and key in cache:
             return cache[key]
         inv = self.inv_freq
-        freqs = positions[:, None].float() * (inv if inv.device == positions.device else inv.to(positions.device))
+        if inv.device != positions.device:
+            inv = inv.to(positions.device)
+        freqs = positions[:, None].float() * inv
         out = ((freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype))
         if cache is not None:
             cache[key] = out
