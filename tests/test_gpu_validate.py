@@ -27,6 +27,7 @@ def test_dry_run_every_stage(tmp_path):
     assert by_stage[3][0]["torch"]["argmax_agree"] == 1.0          # fp32 on CPU: the same model
     assert all(r["host_syncs_per_step"] >= 1 for r in by_stage[4])  # the sampled ids come back
     assert {r["kernel"] for r in by_stage[5]} == {"mla_decode", "fused_moe", "fp8_gemm"}
+    assert not any("error" in r for r in by_stage[5]), by_stage[5]
     assert by_stage[6][0]["rc"] == 0 and by_stage[6][0]["compile_failed"] == 0
     summary = (tmp_path / "summary.txt").read_text()
     assert all(f"{i} " in summary for i in range(7)) and "timeout" not in summary
