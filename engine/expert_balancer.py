@@ -30,7 +30,8 @@ class ExpertBalancer:
 
     def loads(self) -> list[list[float]]:
         """Tokens per logical expert and layer, summed over ranks."""
-        counts = torch.stack([l.expert_load for l in self.layers]).cpu()
+        # on the device: NCCL takes no CPU tensor
+        counts = torch.stack([layer.expert_load for layer in self.layers])
         if self.world > 1:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
         return counts.tolist()

@@ -15,6 +15,7 @@ def plan_num_blocks(model_cfg, cfg, max_model_len: int, dtype, device) -> int:
     per_block = bytes_per_block(model_cfg, cfg.kv_block_size, dtype)
     useful = cfg.max_num_seqs * -(-max_model_len // cfg.kv_block_size)
     if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()   # cached blocks freed by the load (casts, fp8 swaps) count as free
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - cfg.gpu_memory_utilization) * total
     else:
@@ -26,5 +27,17 @@ def plan_num_blocks(model_cfg, cfg, max_model_len: int, dtype, device) -> int:
 
 
 def allocate(model_cfg, num_blocks: int, block_size: int, dtype, device) -> list[torch.Tensor]:
-    return [torch.zeros(num_blocks, block_size, model_cfg.kv_cache_dim, dtype=dtype, device=device)
-            for _ in range(model_cfg.num_hidden_layers)]
+    """Per-layer caches of `num_blocks` blocks. Each is a view of a tensor one block longer: the block
+    past the end is scratch that padded rows of a static decode batch may write (never allocated
+    to a request)."""
+    shape = (num_blocks + 1, block_size, model_cfg.kv_cache_dim)
+    layers = model_cfg.num_hidden_layers
+    return [torch.zeros(shape, dtype=dtype, device=device)[:num_blocks] for _ in range(layers)]
+
+
+def scratch_block(cache: torch.Tensor) -> int | None:
+    """Index of the scratch block behind a cache from `allocate` (None for a plain tensor)."""
+    base = cache._base
+    if base is None or base.shape[0] != cache.shape[0] + 1 or base.data_ptr() != cache.data_ptr():
+        return None
+    return cache.shape[0]

@@ -1,4 +1,9 @@
-"""Turns a scheduled batch into tensors, runs the network, returns logits of the sampled rows."""
+"""Turns a scheduled batch into tensors, runs the network, returns logits of the sampled rows.
+
+Host-built inputs go to the device through pinned memory without blocking (on CUDA), so building a
+step never waits for the previous one; per-sequence lengths and query offsets travel once per step
+and every layer reads them from `meta.cache` (no per-layer host-to-device copies).
+"""
 import torch
 
 from model.deepseek import AttentionMetadata
@@ -7,9 +12,12 @@ from scheduler.block_manager import slots as token_slots
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device, mla_path="auto"):
+    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device, mla_path="auto",
+                 static_decode: bool = False, max_num_seqs: int = 64, max_model_len: int = 4096):
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.device, self.mla_path = block_size, device, mla_path
+        self.static = (StaticDecode(kv_caches, block_size, device, max_num_seqs, max_model_len)
+                       if static_decode else None)
 
     def prepare(self, batch: ScheduledBatch):
         """-> (input ids, metadata, indices of rows whose logits are sampled, their requests)."""
@@ -28,19 +36,111 @@ class ModelRunner:
                 sample_rows.append(qsl[-1] - 1)
                 sample_reqs.append(req)
         width = max((len(t) for t in tables), default=1)
-        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).view(-1, width)
+        bt = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
-        meta = AttentionMetadata(positions=torch.tensor(pos, dtype=torch.int64, device=dev),
-                                 slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-                                 block_tables=bt.to(dev), seq_lens=seq_lens, query_start_loc=qsl,
-                                 mla_path=self.mla_path)
-        return torch.tensor(ids, dtype=torch.int64, device=dev), meta, sample_rows, sample_reqs
+        meta = AttentionMetadata(positions=to_device(pos, torch.int64, dev),
+                                 slot_mapping=to_device(slots, torch.int64, dev),
+                                 block_tables=to_device(bt, torch.int32, dev).view(-1, width),
+                                 seq_lens=seq_lens, query_start_loc=qsl, mla_path=self.mla_path)
+        meta.cache["seq_lens_i32"] = to_device(seq_lens, torch.int32, dev)
+        meta.cache["query_start_loc_i32"] = to_device(qsl, torch.int32, dev)
+        return to_device(ids, torch.int64, dev), meta, sample_rows, sample_reqs
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch):
         """Runs even an empty batch (zero tokens) so expert-parallel collectives still match."""
+        if self.static is not None and self.static.fits(batch):
+            return self.static.run(self.model, batch, self.mla_path)
         ids, meta, rows, reqs = self.prepare(batch)
         hidden = self.model(ids, meta, self.kv_caches)
         if not rows:
             return None, []
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]), reqs
+        if len(rows) < hidden.shape[0]:   # decode-only steps sample every row: no gather
+            hidden = hidden[to_device(rows, torch.int64, hidden.device)]
+        return self.model.compute_logits(hidden), reqs
+
+
+def to_device(values, dtype, device) -> torch.Tensor:
+    """A host list as a device tensor: staged in pinned memory and copied without blocking on CUDA
+    (a pageable torch.tensor(..., device=cuda) would wait for the stream), a plain tensor on CPU."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+class StaticDecode:
+    """Decode-only steps through persistent input buffers, padded to a batch bucket: the shape a CUDA
+    graph captures once per bucket and replays. Padding rows do no harm: token 0 at position 0 with
+    length 1, reading and writing only the scratch KV block past the pool's end
+    (engine.kv_cache.allocate keeps one), and no expert (MoE.num_real_tokens masks them to -1).
+    Block tables have a fixed width (max_model_len / block_size).
+
+    Graph capture and replay on CUDA are owed (no GPU yet): today this path runs eagerly on every
+    device, so CPU tests pin its tokens to the plain path's. Under expert parallelism every rank of
+    an instance would replay the same bucket (the step plan would carry it) and the all-to-all would
+    run at a fixed capacity per bucket or between graph pieces; only the single-rank case is wired."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+    def __init__(self, kv_caches, block_size, device, max_num_seqs, max_model_len):
+        from .kv_cache import scratch_block
+        self.scratch = scratch_block(kv_caches[0])
+        if self.scratch is None:
+            raise ValueError("static_decode needs KV caches from engine.kv_cache.allocate (a scratch block)")
+        self.caches = [c if c._base is None else c._base for c in kv_caches]   # views -> with the scratch
+        self.block_size = block_size
+        self.max_batch = max(b for b in self.BUCKETS if b <= max(1, max_num_seqs)) if max_num_seqs >= 1 else 1
+        self.width = -(-max_model_len // block_size)
+        n = self.max_batch
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.pos = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(n, dtype=torch.int64, device=device)
+        self.tables = torch.full((n, self.width), self.scratch, dtype=torch.int32, device=device)
+        self.lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.qsl = torch.arange(n + 1, dtype=torch.int32, device=device)
+
+    def fits(self, batch) -> bool:
+        items = batch.items
+        return (0 < len(items) <= self.max_batch
+                and all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in items))
+
+    def bucket(self, b: int) -> int:
+        return next(x for x in self.BUCKETS if x >= b)
+
+    def run(self, model, batch, mla_path):
+        from scheduler.block_manager import slots as token_slots
+        items = batch.items
+        b = len(items)
+        nb = self.bucket(b)
+        ids, pos, slots, lens, rows = [], [], [], [], []
+        for req, _ in items:
+            start = req.num_computed_tokens
+            ids += req.tokens(start, start + 1)
+            pos.append(start)
+            slots += token_slots(req.block_table, start, start + 1, self.block_size)
+            lens.append(start + 1)
+            rows.append(req.block_table + [self.scratch] * (self.width - len(req.block_table)))
+        pad = nb - b
+        scratch_slot = self.scratch * self.block_size
+        dev = self.ids.device
+        self.ids[:nb].copy_(to_device(ids + [0] * pad, torch.int64, dev), non_blocking=True)
+        self.pos[:nb].copy_(to_device(pos + [0] * pad, torch.int64, dev), non_blocking=True)
+        self.slots[:nb].copy_(to_device(slots + [scratch_slot] * pad, torch.int64, dev), non_blocking=True)
+        self.tables[:b].copy_(to_device(rows, torch.int32, dev), non_blocking=True)
+        self.tables[b:nb].fill_(self.scratch)
+        self.lens[:nb].copy_(to_device(lens + [1] * pad, torch.int32, dev), non_blocking=True)
+        seq_lens = lens + [1] * pad
+        meta = AttentionMetadata(positions=self.pos[:nb], slot_mapping=self.slots[:nb],
+                                 block_tables=self.tables[:nb], seq_lens=seq_lens,
+                                 query_start_loc=list(range(nb + 1)), mla_path=mla_path)
+        meta.cache["seq_lens_i32"], meta.cache["query_start_loc_i32"] = self.lens[:nb], self.qsl[:nb + 1]
+        moe = model.moe_layers()
+        for layer in moe:
+            layer.num_real_tokens = b
+        try:
+            hidden = model(self.ids[:nb], meta, self.caches)
+        finally:
+            for layer in moe:
+                layer.num_real_tokens = None
+        return model.compute_logits(hidden[:b]), [r for r, _ in items]

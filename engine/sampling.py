@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model_runner import to_device
+
 
 @dataclass
 class SamplingParams:
@@ -46,57 +48,109 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks on one row (fp32)."""
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if p.min_p > 0:
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-        probs = logits.softmax(-1)
-    if p.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the best token)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= p.top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+_M32 = 0xFFFFFFFF
+TOPK_CAP = 1024   # rows that all ask for top_k <= this sample among topk() candidates, not a sort
+
+
+def _mix32(x: int) -> int:
+    """A 32-bit integer hash (host side, for per-request stream keys)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def _uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Counter-based noise in (0, 1): a hash of (row key, token id), so a request's draw depends only
+    on its seed, its draw count and the token, never on its row or on the rest of the batch. Values
+    stay below 2**32 and constants below 2**31, so no int64 product overflows."""
+    x = (keys[:, None] + token_ids * 0x9E3779B1) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 16)
+    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
 class Sampler:
-    """Samples one token per row. A seeded request draws from its own generator, so its tokens do
-    not depend on which other requests share the batch."""
+    """Samples one token per row for the whole batch in a few tensor ops on the logits' device, with
+    one host synchronization (the sampled ids).
+
+    Every sampled request draws from its own counter-based stream: (seed, number of draws so far)
+    keys a hash of the token id, and the token is an exponential race over the filtered
+    distribution, argmax(log p - log E), E ~ Exp(1). A seeded request's tokens therefore do not
+    depend on which other requests share the batch; an unseeded one gets a seed from the engine's
+    generator on first sight. Greedy rows take the plain argmax (exact)."""
 
     def __init__(self, seed: int = 0):
         self.default = torch.Generator().manual_seed(seed)
-        self.generators: dict[str, torch.Generator] = {}
+        self.streams: dict[str, list[int]] = {}   # request id -> [seed key, draws so far]
 
-    def skip(self, request_id: str, p: SamplingParams, vocab: int) -> None:
-        """Advance a seeded request's generator past one draw (its first token was sampled on
-        another rank), so its later tokens equal those of an unseparated run."""
+    def _stream(self, request_id: str, p: SamplingParams) -> list[int]:
+        st = self.streams.get(request_id)
+        if st is None:
+            seed = p.seed
+            if seed is None:
+                seed = int(torch.randint(0, 1 << 62, (), generator=self.default))
+            st = self.streams[request_id] = [_mix32(seed ^ (seed >> 32)) ^ _mix32(seed >> 31), 0]
+        return st
+
+    def skip(self, request_id: str, p: SamplingParams, vocab: int | None = None) -> None:
+        """Advance a seeded request's stream past one draw (its first token was sampled on another
+        rank), so its later tokens equal those of an unseparated run."""
         if p.seed is not None and not p.greedy:
-            gen = self.generators.setdefault(request_id, torch.Generator().manual_seed(p.seed))
-            torch.empty(vocab).exponential_(generator=gen)
+            self._stream(request_id, p)[1] += 1
 
     def forget(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+        self.streams.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, request_ids: list[str],
+                 params: list[SamplingParams]) -> list[int]:
         logits = logits.float()
-        greedy = logits.argmax(-1).tolist()
-        out = []
-        for i, (rid, p) in enumerate(zip(request_ids, params)):
-            if p.greedy:
-                out.append(greedy[i])
-                continue
-            gen = self.default
-            if p.seed is not None:
-                gen = self.generators.get(rid)
-                if gen is None:
-                    gen = self.generators[rid] = torch.Generator().manual_seed(p.seed)
-            probs = _filter(logits[i].cpu(), p).softmax(-1)
-            # exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p
-            race = probs / torch.empty_like(probs).exponential_(generator=gen)
-            out.append(int(race.argmax()))
-        return out
+        greedy = logits.argmax(-1)
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not rows:
+            return greedy.tolist()
+        keys = []
+        for i in rows:
+            st = self._stream(request_ids[i], params[i])
+            keys.append(_mix32(st[0] ^ _mix32(st[1] + 0x632BE5AB)))
+            st[1] += 1
+        picked = sample_rows(logits[rows] if len(rows) < len(params) else logits,
+                             [params[i] for i in rows], keys)
+        if len(rows) < len(params):
+            greedy[torch.tensor(rows, device=logits.device)] = picked
+            return greedy.tolist()
+        return picked.tolist()
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], keys: list[int]) -> torch.Tensor:
+    """Draw one token per row of fp32 `logits` [B, V] -> int64 ids [B] (on the logits' device).
+
+    Candidates are the top max(top_k) tokens when every row sets a top_k <= TOPK_CAP (one batched
+    topk), else the whole vocabulary sorted once for the batch. Then, as vLLM orders them:
+    temperature, top-k, min-p (relative to the best probability), top-p (smallest prefix reaching
+    the mass, at least one token), and the race."""
+    dev, V = logits.device, logits.shape[1]
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    if max(ks) <= TOPK_CAP:
+        vals, idx = logits.topk(max(ks), dim=-1)          # sorted, descending
+    else:
+        vals, idx = logits.sort(dim=-1, descending=True)
+    K = vals.shape[1]
+    temp = to_device([p.temperature for p in params], torch.float32, dev)
+    vals = vals / temp[:, None]
+    drop = torch.arange(K, device=dev)[None, :] >= to_device(ks, torch.int64, dev)[:, None]
+    if any(p.min_p > 0 for p in params):
+        probs = vals.masked_fill(drop, float("-inf")).softmax(-1)
+        drop |= probs < to_device([p.min_p for p in params], torch.float32, dev)[:, None] * probs[:, :1]
+    if any(p.top_p < 1 for p in params):
+        probs = vals.masked_fill(drop, float("-inf")).softmax(-1)
+        top_p = to_device([p.top_p if p.top_p < 1 else 2.0 for p in params], torch.float32, dev)
+        drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    key_t = to_device(keys, torch.int64, dev)
+    race = vals.masked_fill(drop, float("-inf")) - torch.log(-torch.log(_uniform(key_t, idx)))
+    return idx.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)

@@ -29,7 +29,8 @@ class RankWorker:
                                         max_num_batched_tokens=cfg.max_num_batched_tokens,
                                         max_model_len=max_model_len,
                                         order=rank_order(cfg.order, bm, **cfg.order_options))
-        self.runner = ModelRunner(model, kv_caches, cfg.kv_block_size, device, cfg.mla_path)
+        self.runner = ModelRunner(model, kv_caches, cfg.kv_block_size, device, cfg.mla_path,
+                                  cfg.static_decode, cfg.max_num_seqs, max_model_len)
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
         self.role, self.transfers, self.balancer = role, transfers, balancer

@@ -149,15 +149,28 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _step_ints(cache, key, values, dev) -> torch.Tensor:
+    """An int32 device copy of a per-step host list, made once per step (not once per layer)."""
+    if cache is not None and key in cache and cache[key].device == dev:
+        return cache[key]
+    t = torch.tensor(values, dtype=torch.int32)
+    t = t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+    if cache is not None:
+        cache[key] = t
+    return t
+
+
 def mla_decode_config(max_rows: int) -> dict:
     return get_config("mla_decode", bucket(max_rows, (16, 32), "rows"))
 
 
 def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens, query_start_loc, scale: float, kv_lora_rank: int,
-                      *, num_kv_splits: int | None = None) -> torch.Tensor:
+                      *, num_kv_splits: int | None = None, cache: dict | None = None) -> torch.Tensor:
     """q [T, H, Dl + Dr] (absorbed) -> out [T, H, Dl]; seq_lens [B] / query_start_loc [B + 1] are
-    python int lists (or int tensors); `num_kv_splits` overrides the split heuristic."""
+    python int lists (or int tensors); `num_kv_splits` overrides the split heuristic. `cache`: the
+    step's dict; its int32 device copies of both lists ("seq_lens_i32", "query_start_loc_i32", put
+    there once per step by the model runner, or made here on first use) serve every layer."""
     t, n_heads, d = q.shape
     d_lat, d_pe = kv_lora_rank, d - kv_lora_rank
     page = kv_cache.shape[1]
@@ -170,8 +183,8 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     if t == 0 or n_seqs == 0:
         return out
     dev = q.device
-    seq_lens_t = torch.tensor(sl, dtype=torch.int32, device=dev)
-    qsl_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
+    seq_lens_t = _step_ints(cache, "seq_lens_i32", sl, dev)
+    qsl_t = _step_ints(cache, "query_start_loc_i32", qsl, dev)
     max_q = max(qsl[i + 1] - qsl[i] for i in range(n_seqs))
     max_rows = max_q * n_heads
     cfg = mla_decode_config(max_rows)

@@ -76,7 +76,8 @@ def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lo
     _check(backend)
     if backend == "triton":
         from .mla_decode_triton import mla_decode_triton
-        return mla_decode_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank)
+        return mla_decode_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank,
+                                 cache=cache)
     return mla.mla_decode_torch(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank, cache)
 
 

@@ -37,6 +37,24 @@ class AttentionMetadata:
         return self.mla_path == "absorbed" or (self.mla_path == "auto" and self.decode_only)
 
 
+class KeepFp32:
+    """Mixin: the tensors named in `fp32_names` stay float32 when the model is cast (`.to(bf16)`),
+    as transformers keeps them; device moves still apply. Rope angles from a bf16 inv_freq drift by
+    ~0.5 rad near position 500, and a bf16 router bias flips expert choices."""
+    fp32_names: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        # detached snapshots: a cast may swap a Parameter's .data in place
+        kept = {n: getattr(self, n).detach() for n in self.fp32_names if getattr(self, n, None) is not None}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = getattr(self, n)
+            if old.dtype == torch.float32 and new.dtype != torch.float32:
+                t = old.detach().to(new.device)
+                setattr(self, n, nn.Parameter(t, requires_grad=False) if isinstance(new, nn.Parameter) else t)
+        return self
+
+
 def _param(*shape) -> nn.Parameter:
     # uninitialized: every parameter is overwritten by the loader, so skip the init cost
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
@@ -80,13 +98,15 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
 
 
-class Rotary(nn.Module):
+class Rotary(KeepFp32, nn.Module):
     """RoPE on the rope part of queries and keys, with DeepSeek's yarn scaling.
 
     Interleaved layout (DeepSeek's checkpoints): dims (2i, 2i+1) form a pair. The rotated output is
     written de-interleaved (evens then odds); queries and keys get the same permutation, so their dot
     products are unchanged, and cached keys stay consistent with later queries.
     """
+
+    fp32_names = ("inv_freq",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -104,7 +124,10 @@ class Rotary(nn.Module):
         key = ("rope", dtype)
         if cache is not None and key in cache:
             return cache[key]
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)
+        inv = self.inv_freq
+        if inv.device != positions.device:
+            inv = inv.to(positions.device)
+        freqs = positions[:, None].float() * inv
         out = ((freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype))
         if cache is not None:
             cache[key] = out
@@ -236,13 +259,16 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Gate(nn.Module):
+class Gate(KeepFp32, nn.Module):
+    fp32_names = ("e_score_correction_bias",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.weight = _param(cfg.n_routed_experts, cfg.hidden_size)
         if cfg.model_type == "deepseek_v3":
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                                                        requires_grad=False)
         self.backend = "torch"
 
     def forward(self, x):
@@ -305,13 +331,20 @@ class MoE(nn.Module):
         # experts, overlap) -> (routed output for x, overlap()) (dispatch, compute, combine).
         self.ep = None
         self.expert_load: torch.Tensor | None = None   # set by the engine when EPLB is on
+        self.num_real_tokens: int | None = None   # static decode: rows past it are padding (no expert)
 
     def forward(self, x):
         weights, ids = self.gate(x)
+        real = self.num_real_tokens
         if self.expert_load is not None:   # EPLB statistics: tokens routed to each logical expert
-            self.expert_load += torch.bincount(ids.flatten(), minlength=self.expert_load.numel())
+            flat = ids[:real].flatten()   # scatter_add: bincount on CUDA reads its max back (a host sync)
+            self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
         shared = (lambda: self.shared_experts(x)) if self.shared_experts is not None else (lambda: None)
-        if self.ep is None:
+        if self.ep is None and real is not None:   # padding rows choose no expert (slot -1)
+            slots = self.experts.expert_map[ids]
+            slots[real:] = -1
+            routed, side = self.experts.compute(x, slots, weights), shared()
+        elif self.ep is None:
             routed, side = self.experts(x, ids, weights), shared()
         else:   # the shared experts run while the tokens are on the wire
             routed, side = self.ep.run(x, ids, weights, self.experts, overlap=shared)

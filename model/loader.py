@@ -71,8 +71,16 @@ def load_model(model_dir: str, *, dtype=torch.float32, device="cpu", local_exper
     """Build the network for `model_dir` and fill it. `local_experts` (global ids) limits which
     routed experts this rank loads (expert parallelism); `keep_fp8` keeps FP8 weights quantized."""
     cfg = load_config(model_dir)
-    with torch.device(device):
-        model = DeepseekForCausalLM(cfg, local_experts)
+    # built straight in `dtype`: an fp32 build on the GPU would double the peak and stay in the
+    # caching allocator (the KV pool is sized from free memory next). Rope inv_freq and the V3
+    # router bias are created fp32 and stay so (model.deepseek.KeepFp32).
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = DeepseekForCausalLM(cfg, local_experts)
+    finally:
+        torch.set_default_dtype(prev)
     model.to(dtype)
     load_weights(model, model_dir, keep_fp8=keep_fp8)
     return model

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from devices import KERNEL_DTYPES, TOL
 from kernels.mla import mla_decode_torch, write_kv_torch
 from kernels.kv_write_triton import write_kv_triton
 from kernels.mla_decode_triton import mla_decode_triton
@@ -41,10 +42,9 @@ def _case(seq_lens, q_lens, heads, d_lat, d_pe, page, dtype, seed=0):
     return q, cache, table, qsl, scale
 
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("splits", [1, 3, None])
 def test_decode_single_token_queries(dtype, splits):
     # lengths: a single token, not multiples of the page (16) or tile (32), one exact multiple
@@ -91,7 +91,7 @@ def test_decode_odd_head_dims_and_fp16_cache_fp32_query():
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_write_kv_matches_reference(dtype):
     g = torch.Generator().manual_seed(0)
     cache = torch.randn(4, 16, 72, generator=g).to(dtype)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from devices import KERNEL_DTYPES, TOL
 from kernels.fp8 import dequant_block_fp8, per_token_group_quant_fp8_torch, quant_block_fp8
 from kernels.moe import fused_moe_torch
 from kernels.moe_triton import fused_moe_triton, moe_align
@@ -46,7 +47,7 @@ def test_align_pads_each_expert_to_block():
     assert total == 16 * 5  # experts 0..4 non-empty, one block each; expert 5 none
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("cfg", [None, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=3, num_warps=4)])
 def test_fused_moe_matches_reference(dtype, cfg):
     x, w13, w2 = _dense(dtype)
@@ -54,7 +55,7 @@ def test_fused_moe_matches_reference(dtype, cfg):
     ref = fused_moe_torch(x, w13, w2, ids, w)
     out = fused_moe_triton(x, w13, w2, ids, w, config=cfg)
     assert out.dtype == dtype and out.shape == x.shape
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(out, ref, **tol)
     assert out[2].abs().sum() > 0  # token 2 keeps its local choice
 
@@ -90,7 +91,7 @@ def _moe_w8a8_reference(x, w13q, s13, w2q, s2, ids, weights):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_fused_moe_fp8_w8a8(dtype):
     x, w13, w2 = _dense(torch.float32, seed=3)
     w13q, s13 = map(torch.stack, zip(*[quant_block_fp8(w) for w in w13]))
@@ -103,7 +104,7 @@ def test_fused_moe_fp8_w8a8(dtype):
     assert out.dtype == dtype
     # same quantization points: only fp32 summation order differs (and, rarely, an fp8 rounding
     # flip of the intermediate that it may cause), then the output rounding for fp16
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=2e-3)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(out.float(), ref, **tol)
     # and w8a8 stays close to the dequantized-weight torch path the engine uses on CPU
     ref16 = fused_moe_torch(x.float(), dequant_block_fp8(w13q, s13), dequant_block_fp8(w2q, s2), ids, w)

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from devices import KERNEL_DTYPES, TOL
 from kernels.mla import prefill_attention_torch
 from kernels.prefill_triton import prefill_attention_triton
 
@@ -20,10 +21,9 @@ def _case(q_lens, k_lens, heads, d_qk, d_v, dtype, seed=0):
     return q, k, v, cu_q, cu_k, 1.5 / math.sqrt(d_qk)
 
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_prefill_v3_head_dims(dtype):
     # qk 192 = 128 + 64 (split dot), v 128; lengths off the 32-row tiles; a single-token prompt
     q, k, v, cu_q, cu_k, scale = _case([37, 1, 64], [37, 1, 64], 2, 192, 128, dtype)

@@ -91,3 +91,79 @@ def test_config_errors_name_the_field(tmp_path):
         parse_config(dict(TINY_V2, topk_method="noaux_tc"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_config(str(tmp_path))
+
+
+# ---- bf16: rope inv_freq and the V3 router bias stay fp32, as transformers keeps them ----------------
+BF16_V3 = {"qk_rope_head_dim": 16}   # 8 rope frequencies: enough that a bf16 inv_freq shows
+BIAS_SPREAD = 10.0
+
+
+def test_bf16_keeps_rope_frequencies_and_router_bias_fp32(tmp_path):
+    hf = make_hf_checkpoint(tmp_path, BF16_V3)
+    ref_bias = {n: b for n, b in hf.named_buffers() if "e_score_correction_bias" in n}
+    fp32 = load_model(str(tmp_path))
+    for model in (load_model(str(tmp_path), dtype=torch.bfloat16),
+                  load_model(str(tmp_path)).to(torch.float16)):
+        inv = [m.rotary.inv_freq for m in model.modules() if hasattr(m, "rotary")]
+        assert inv and all(t.dtype == torch.float32 for t in inv)
+        assert torch.equal(inv[0], fp32.model.layers[0].self_attn.rotary.inv_freq)
+        for name, want in ref_bias.items():
+            got = model.get_parameter(name)
+            assert got.dtype == torch.float32 and torch.equal(got, want), name
+        assert model.model.layers[1].mlp.gate.weight.dtype != torch.float32   # the rest is cast
+
+
+def _bf16_logits(model, seq):
+    meta, nb = dense_meta([len(seq)])
+    caches = new_caches(model, nb, dtype=torch.bfloat16)
+    with torch.no_grad():
+        return model.compute_logits(model(torch.tensor(seq), meta, caches)).float()
+
+
+def test_bf16_logits_match_transformers_bf16(tmp_path):
+    """Teacher-forced over 300 positions: per position, our bf16 logits stay within a few bf16 ulps of
+    transformers' bf16 logits (a bf16 inv_freq breaks this from position ~100 on). A handful of
+    positions may differ more where bf16 rounding flips a near-tied expert choice in either model."""
+    import transformers
+    make_hf_checkpoint(tmp_path, BF16_V3, std=0.1)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
+    seq = torch.randint(2, 256, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].float()
+    ours = _bf16_logits(load_model(str(tmp_path), dtype=torch.bfloat16), seq)
+    per_pos = (ours - ref).abs().amax(-1) / max(1.0, ref.abs().max().item())
+    assert (per_pos <= 0.01).float().mean().item() >= 0.97, per_pos.quantile(torch.tensor([0.5, 0.9, 0.99]))
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.97
+
+
+def test_bf16_greedy_tokens_match_transformers_bf16(tmp_path):
+    """The engine in bf16 against transformers' bf16 generate, 24 greedy tokens from prompts that reach
+    position ~200. Random weights in bf16 are full of near ties (transformers' bf16 and fp32 runs part
+    within 5-20 tokens here), so where the two part, our token must be a near tie in transformers' own
+    bf16 logits at that step: within 4 % of the top logit (a few bf16 ulps), not a different choice."""
+    import transformers
+    from engine import LLM, SamplingParams
+    hf = make_hf_checkpoint(tmp_path, BF16_V3, std=0.1)
+    with torch.no_grad():   # a router bias wide enough that expert choices are rarely near ties
+        for name, b in hf.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.mul_(BIAS_SPREAD)
+    hf.save_pretrained(tmp_path)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (5, 60, 180)]
+    llm = LLM(str(tmp_path), dtype="bfloat16", kv_block_size=16, num_kv_blocks=64)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    agreed = 0
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        toks = ref.sequences[0, len(p):].tolist()
+        same = next((i for i, (a, b) in enumerate(zip(o.token_ids, toks)) if a != b), len(toks))
+        agreed += same
+        if same < len(toks):
+            logits = ref.logits[same][0].float()
+            gap = logits[toks[same]] - logits[o.token_ids[same]]
+            assert gap <= 0.04 * logits.abs().max(), (len(p), same, o.token_ids, toks)
+    assert agreed >= 0.5 * 24 * len(prompts)
