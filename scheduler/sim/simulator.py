@@ -173,7 +173,8 @@ class Simulator:
         if inst.role == "decode":
             for rank in inst.ranks:
                 rank.incoming = [r for r in rank.incoming if not self._install(rank, r, now)]
-        batches = [r.sched.schedule() for r in inst.ranks]
+        budgets = plan.budgets or {}
+        batches = [r.sched.schedule(budgets.get(r.gid)) for r in inst.ranks]
         if all(b.is_empty for b in batches):
             inst.busy, inst.idle_since = False, now
             return
