@@ -105,8 +105,11 @@ class StaggeredBatchScheduler(GlobalScheduler):
             return StepPlan(budgets=budgets)
         bs = loads[0].block_size
         slots = rank_slots(loads, self.cost, self.kv_watermark, shares)
+        # The hold decision weighs the buffer against the ranks' full budgets: against the level
+        # shares it would always fill them (the level is where the buffer fills them).
+        full = slots if shares is None else rank_slots(loads, self.cost, self.kv_watermark)
         for i in iqr_outliers([s.kv_usage for s in slots]):
-            slots[i].excluded = True
+            slots[i].excluded = full[i].excluded = True
         # Aging: whoever waited max_wait_s goes to the head of the line (oldest first) and is not
         # bypassed by younger work, so nothing starves behind a stream of better-ranked requests.
         order = sorted(self.buffer, key=self.key) if self.key else list(self.buffer)
@@ -123,7 +126,7 @@ class StaggeredBatchScheduler(GlobalScheduler):
             order = [r for r in order if r not in doomed]
         if self.role == "decode":
             fill, _ = self._decode_fill(order, slots, bs, strict=len(aged))
-        elif aged or self._release_now(now, loads, slots):
+        elif aged or self._release_now(now, loads, full):
             fill, _ = water_fill(order, slots, self.cost, bs, self._hits, strict=len(aged), lpt=self.lpt)
         else:
             fill = {}
