@@ -63,12 +63,14 @@ def slo_report(paths: list[str], slos=(0.5, 1.0)) -> str:
             t = r["throughput_tok_s"]
             parts.append(f"{n} " + ("above the SLO at the lowest rate" if t is None else f"{t:.0f} tok/s")
                          + (" (never reached: last rate)" if r["capped"] else ""))
-        rr, sbs = res.get("immediate-rr", {}).get("throughput_tok_s"), res.get("sbs", {}).get("throughput_tok_s")
+        rr = res.get("immediate-rr", {}).get("throughput_tok_s")
+        sbs = res.get("sbs", {}).get("throughput_tok_s")
         extra = f" (sbs vs rr {pct(sbs, rr)})" if rr and sbs else ""
         lines.append(f"mean TTFT {slo:g} s: " + ", ".join(parts) + extra)
         for n in sweep:
             pts = sorted((r["rate"], r["ttft_mean_s"], r["throughput_tok_s"]) for r in sweep[n])
-            lines.append(f"  {n}: " + ", ".join(f"{a:g} req/s {b * 1e3:.0f} ms {c:.0f} tok/s" for a, b, c in pts))
+            lines.append(f"  {n}: " + ", ".join(f"{a:g} req/s {b * 1e3:.0f} ms {c:.0f} tok/s"
+                                                for a, b, c in pts))
     return "\n".join(lines)
 
 

@@ -44,7 +44,8 @@ def parse_args(argv=None):
                    help="synthetic arrivals: length distribution (trace: (prompt, output) pairs drawn from --length-trace)")
     p.add_argument("--length-trace", default="/work/shared/traces/azure_llm_2023_conv.csv")
     p.add_argument("--prompt-len", type=float, default=1024)
-    p.add_argument("--output-len", type=float, default=256, help="lognormal: output mean (see --output-median)")
+    p.add_argument("--output-len", type=float, default=256,
+                   help="lognormal: output mean (see --output-median)")
     p.add_argument("--prompt-sigma", type=float, default=1.0, help="lognormal: spread of log prompt length")
     p.add_argument("--output-sigma", type=float, default=1.0, help="lognormal: spread of log output length")
     p.add_argument("--output-median", type=float, default=None,
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--length-scale", type=float, default=1.0, help="scale trace prompt/output lengths")
     p.add_argument("--max-prompt", type=int, default=16384)
     p.add_argument("--max-output", type=int, default=4096)
-    p.add_argument("--cost-model", default="h800-v3", help="h800-v3 | h100-v3 | h200-v3 | fitted:FILE | linear:c0,c_tok,..")
+    p.add_argument("--cost-model", default="h800-v3",
+                   help="h800-v3 | h100-v3 | h200-v3 | fitted:FILE | linear:c0,c_tok,..")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="per rank per step")
     p.add_argument("--block-size", type=int, default=64)
@@ -67,14 +69,18 @@ def parse_args(argv=None):
                    help="scheduler option, e.g. sbs:max_wait_s=1.0 (repeatable)")
     p.add_argument("--sweep-rates", default=None, help="R1,R2,...: run every scheduler at each rate")
     p.add_argument("--slo-ttft", default="0.5,1.0",
-                   help="sweep: report the throughput at which mean TTFT reaches these values (s, comma separated)")
+                   help="sweep: report the throughput at which mean TTFT reaches these values "
+                        "(s, comma separated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", action="store_true",
-                   help="workload grid: SBS vs the best immediate baseline per cell, at 1 x 32 and 4 x 8 (pd)")
-    p.add_argument("--grid-prompts", default="256,1024,4096", help="grid: prompt means (lognormal, sigma 0.6)")
+                   help="workload grid: SBS vs the best immediate baseline per cell, at 1 x 32 and 4 x 8 "
+                        "(pd)")
+    p.add_argument("--grid-prompts", default="256,1024,4096",
+                   help="grid: prompt means (lognormal, sigma 0.6)")
     p.add_argument("--grid-outputs", default="16,512", help="grid: output means (lognormal, sigma 1)")
     p.add_argument("--grid-cvs", default="1,15", help="grid: inter-arrival CVs")
-    p.add_argument("--grid-utils", default="0.3,0.8", help="grid: prefill utilization (of the balanced full-step capacity)")
+    p.add_argument("--grid-utils", default="0.3,0.8",
+                   help="grid: prefill utilization (of the balanced full-step capacity)")
     p.add_argument("--grid-layouts", default="1x32:h800-v3,4x8:h200-v3", help="grid: INSTANCESxDP:COST,...")
     p.add_argument("--grid-render", nargs="*", default=None, metavar="GRID_JSON",
                    help="print the table of earlier --grid runs (their grid.json) again")
@@ -97,7 +103,8 @@ def build_workload(a, rate):
         raise SystemExit("--rate is required without --requests or --trace")
     if a.duration is None:
         a.duration = 60.0
-    out_mean = a.output_len if a.output_median is None else a.output_median * math.exp(a.output_sigma ** 2 / 2)
+    out_mean = a.output_len if a.output_median is None else \
+        a.output_median * math.exp(a.output_sigma ** 2 / 2)
     lengths = length_sampler(a.lengths, rng, a.prompt_len, out_mean, trace=a.length_trace,
                              max_prompt=a.max_prompt, max_output=a.max_output, prompt_sigma=a.prompt_sigma,
                              output_sigma=a.output_sigma)
@@ -142,7 +149,8 @@ def table(results: dict) -> str:
         cells = []
         for key, _, scale in cols:
             v = r.get(key, float("nan"))
-            cells.append(f"{v * scale:11.1f}" if scale != 1 else (f"{v:11.0f}" if abs(v) >= 100 else f"{v:11.3f}"))
+            plain = f"{v:11.0f}" if abs(v) >= 100 else f"{v:11.3f}"
+            cells.append(f"{v * scale:11.1f}" if scale != 1 else plain)
         lines.append(f"{name:14s}" + "".join(cells))
     s = results.get("sbs")
     for name, base in results.items():
@@ -195,14 +203,16 @@ def plot(out, recs, sweep):
             k = max(1, len(s) // 400)   # mean over windows of k steps
             pts = [(s[i][0], sum(x[1] for x in s[i:i + k]) / len(s[i:i + k])) for i in range(0, len(s), k)]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1)
-        ax.set_xlabel("time (s)"), ax.set_ylabel("imbalance (max/mean tokens)"), ax.legend(), ax.grid(alpha=.3)
+        ax.set_xlabel("time (s)"), ax.set_ylabel("imbalance (max/mean tokens)")
+        ax.legend(), ax.grid(alpha=.3)
         fig.tight_layout(), fig.savefig(os.path.join(out, "imbalance.png"), dpi=120), plt.close(fig)
     if sweep:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for name, rows in sweep.items():
             for ax, key in zip(axes, ("ttft_mean_s", "ttft_p99_s")):
                 ax.plot([r["throughput_tok_s"] for r in rows], [r[key] for r in rows], "o-", label=name)
-                ax.set_xlabel("output throughput (tok/s)"), ax.set_ylabel(key), ax.set_yscale("log"), ax.grid(alpha=.3)
+                ax.set_xlabel("output throughput (tok/s)"), ax.set_ylabel(key)
+                ax.set_yscale("log"), ax.grid(alpha=.3)
         axes[0].legend()
         fig.tight_layout(), fig.savefig(os.path.join(out, "sweep.png"), dpi=120), plt.close(fig)
 
@@ -264,7 +274,8 @@ def run_grid(a) -> list[dict]:
                         g.max_output = int(2 * output)
                         g.duration = a.grid_requests / rate
                         specs = build_workload(g, rate)
-                        res = {n: run_one(g, n, specs, {})[0] for n in ("immediate-rr", "immediate-lb", "sbs")}
+                        res = {n: run_one(g, n, specs, {})[0]
+                               for n in ("immediate-rr", "immediate-lb", "sbs")}
                         best = min(("immediate-rr", "immediate-lb"), key=lambda n: res[n]["ttft_mean_s"])
                         cell = {"layout": shape, "prompt": prompt, "output": output, "cv": cv, "util": util,
                                 "rate": rate, "best": best, "results": res}
@@ -283,8 +294,9 @@ def grid_row(c) -> str:
 
     def d(k):
         return f"{100 * (s[k] / b[k] - 1):+.0f} %"
-    return (f"| {c['layout']} | {c['prompt']:.0f} | {c['output']:.0f} | {c['cv']:g} | {c['util']:g} | {c['rate']:.0f} | "
-            f"{c['best'].replace('immediate-', '')} | {b['ttft_mean_s'] * 1e3:.0f} / {s['ttft_mean_s'] * 1e3:.0f} | "
+    return (f"| {c['layout']} | {c['prompt']:.0f} | {c['output']:.0f} | {c['cv']:g} | {c['util']:g} | "
+            f"{c['rate']:.0f} | {c['best'].replace('immediate-', '')} | "
+            f"{b['ttft_mean_s'] * 1e3:.0f} / {s['ttft_mean_s'] * 1e3:.0f} | "
             f"{d('ttft_mean_s')} | {d('ttft_p99_s')} | {d('throughput_tok_s')} | {c['reason']} |")
 
 
@@ -312,7 +324,8 @@ def main(argv=None):
     results, recs, sweep = {}, {}, {}
     for rate in rates:
         specs = build_workload(a, rate)
-        print(f"rate {rate}: {len(specs)} requests over {specs[-1].arrival_s:.1f} s" if specs else "no requests",
+        print(f"rate {rate}: {len(specs)} requests over {specs[-1].arrival_s:.1f} s"
+              if specs else "no requests",
               file=sys.stderr)
         for name in names:
             t0 = time.time()
@@ -327,7 +340,8 @@ def main(argv=None):
     for slo in (a.slo_ttft.split(",") if len(rates) > 1 else []):
         print(f"\noutput throughput at which mean TTFT reaches {slo} s:")
         for name, r in at_slo(sweep, float(slo)).items():
-            print(f"  {name:14s} {r['throughput_tok_s'] or float('nan'):.0f} tok/s" + (" (never reached)" if r["capped"] else ""))
+            print(f"  {name:14s} {r['throughput_tok_s'] or float('nan'):.0f} tok/s"
+                  + (" (never reached)" if r["capped"] else ""))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         doc = {"config": vars(a), "schedulers": results}

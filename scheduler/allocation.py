@@ -97,7 +97,9 @@ def rank_slots(loads, cost: StepCostModel, watermark: float = 0.01, budgets=None
     for ld in loads:
         decodes = ld.num_running   # one token each (slight overcount for partial prefills)
         queued = ld.waiting_prefill_tokens
-        cap = ld.max_num_batched_tokens if budgets is None else budgets.get(ld.rank, ld.max_num_batched_tokens)
+        cap = ld.max_num_batched_tokens
+        if budgets is not None:
+            cap = budgets.get(ld.rank, cap)
         budget = cap - decodes - queued
         reserve = -(-queued // ld.block_size) + int(watermark * ld.total_kv_blocks)
         step_tokens = decodes + min(queued, max(0, cap - decodes))

@@ -77,7 +77,8 @@ class BatchScheduler:
         elif budget < 0:
             raise ValueError(f"step budget must be >= 0, got {budget}")
         else:
-            decodes = sum(1 for r in self.running if r.status is RequestStatus.RUNNING and r.remaining_tokens == 1)
+            decodes = sum(1 for r in self.running
+                          if r.status is RequestStatus.RUNNING and r.remaining_tokens == 1)
             budget = max(decodes, min(int(budget), self.max_num_batched_tokens))
         # 1. Decodes. max_num_batched_tokens >= max_num_seqs, and a step budget is raised to the
         #    decodes, so the budget always covers them.

@@ -87,11 +87,13 @@ class StaggeredBatchScheduler(GlobalScheduler):
         return take_out(self.buffer, request_id) is not None and self._since.pop(request_id) is not None
 
     def observe_step(self, now, step_time_s, per_rank_tokens, *, ranks=None, per_rank_context=None):
-        super().observe_step(now, step_time_s, per_rank_tokens, ranks=ranks, per_rank_context=per_rank_context)
+        super().observe_step(now, step_time_s, per_rank_tokens, ranks=ranks,
+                             per_rank_context=per_rank_context)
         if sum(per_rank_tokens) == 0:
             return
         ctx = per_rank_context or [0.0] * len(per_rank_tokens)
-        i = max(range(len(per_rank_tokens)), key=lambda i: (self.cost.marginal(per_rank_tokens[i], ctx[i]), -i))
+        i = max(range(len(per_rank_tokens)),
+                key=lambda i: (self.cost.marginal(per_rank_tokens[i], ctx[i]), -i))
         self.cost.observe(step_time_s, per_rank_tokens[i], ctx[i])
 
     def plan(self, now: float, loads: list[RankLoad]) -> StepPlan:

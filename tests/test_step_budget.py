@@ -32,7 +32,8 @@ def test_rank_never_exceeds_the_budget_it_was_given():
         cap = 64 if budget is None else max(decodes, min(budget, 64))
         assert batch.num_tokens <= cap
         chunked += sum(1 for r, n in batch.items if n > 1 and r.num_computed_tokens + n < r.num_tokens)
-        s.update(batch, {r.request_id: 7 for r, n in batch.items if r.num_computed_tokens + n == r.num_tokens})
+        done = {r.request_id: 7 for r, n in batch.items if r.num_computed_tokens + n == r.num_tokens}
+        s.update(batch, done)
     assert not s.has_work and chunked > 0
     assert all(r.num_output_tokens == r.max_tokens for r in reqs)
     with pytest.raises(ValueError, match="budget"):

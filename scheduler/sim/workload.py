@@ -106,7 +106,8 @@ def load_requests(path: str) -> list[RequestSpec]:
 
 
 def length_sampler(kind: str, rng: random.Random, prompt_mean: float = 1024, output_mean: float = 256,
-                   sigma: float = 1.0, trace: str | None = None, max_prompt: int = 16384, max_output: int = 4096,
+                   sigma: float = 1.0, trace: str | None = None, max_prompt: int = 16384,
+                   max_output: int = 4096,
                    prompt_sigma: float | None = None, output_sigma: float | None = None):
     """Returns a function () -> (prompt_len, max_tokens). kind: fixed | lognormal | trace.
     lognormal: prompt and output lengths are independent lognormals with the given means (before
