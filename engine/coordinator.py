@@ -126,7 +126,7 @@ class Coordinator:
 
     def _plan_prefill(self, now, loads, ranks) -> StepPlanMsg:
         plan = self.policy.plan(now, loads)
-        msg = StepPlanMsg()
+        msg = StepPlanMsg(budgets=plan.budgets)
         for rank, reqs in plan.assignments.items():
             for r in reqs:
                 m = self.outputs[r.request_id].metrics

@@ -105,7 +105,7 @@ class LLMEngine:
                 self.worker.recv_kv(recv)
             self.worker.transfers.poll(wait=msg.stop)
         set_step_mode(self.worker.runner.model, msg.decode_only)
-        self._produced = self.worker.step() if msg.run else None
+        self._produced = self.worker.step((msg.budgets or {}).get(self.worker.rank)) if msg.run else None
         self.stopped = msg.stop
         if self.single and not self.is_leader:
             for out in changed:   # mirror the leader's view, so every rank returns full outputs

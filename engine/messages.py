@@ -74,3 +74,4 @@ class StepPlanMsg:
     sends: dict[int, list[Send]] = field(default_factory=dict)   # P/D: KV to send, per prefill rank
     recvs: dict[int, list[Recv]] = field(default_factory=dict)   # P/D: KV to receive, per decode rank
     decode_only: bool = False # no rank prefills this step (EP: DeepEP's low-latency kernels)
+    budgets: dict[int, int] | None = None   # rank -> token budget of this step (SBS level); None: full

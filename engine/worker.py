@@ -59,9 +59,10 @@ class RankWorker:
     def load(self):
         return self.scheduler.load(self.rank)
 
-    def step(self) -> tuple[list[TokenEvent], StepStats]:
+    def step(self, budget: int | None = None) -> tuple[list[TokenEvent], StepStats]:
+        """`budget`: this step's token budget from the plan (None: the scheduler's maximum)."""
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(budget)
         context = sum(attention_pairs(n, r.num_computed_tokens) for r, n in batch.items)
         logits, reqs = self.runner.run(batch)
         sampled = {}

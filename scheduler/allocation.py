@@ -89,16 +89,20 @@ class RankSlot:
     excluded: bool = False
 
 
-def rank_slots(loads, cost: StepCostModel, watermark: float = 0.01) -> list[RankSlot]:
+def rank_slots(loads, cost: StepCostModel, watermark: float = 0.01, budgets=None) -> list[RankSlot]:
     """Capacity of each reported rank for its very next step. `watermark` keeps a fraction of the
-    KV pool free for the growth of running decodes."""
+    KV pool free for the growth of running decodes; `budgets` (rank -> tokens) replaces a rank's
+    max_num_batched_tokens for this step (SBS's level budgets)."""
     slots = []
     for ld in loads:
         decodes = ld.num_running   # one token each (slight overcount for partial prefills)
         queued = ld.waiting_prefill_tokens
-        budget = ld.max_num_batched_tokens - decodes - queued
+        cap = ld.max_num_batched_tokens
+        if budgets is not None:
+            cap = budgets.get(ld.rank, cap)
+        budget = cap - decodes - queued
         reserve = -(-queued // ld.block_size) + int(watermark * ld.total_kv_blocks)
-        step_tokens = decodes + min(queued, max(0, ld.max_num_batched_tokens - decodes))
+        step_tokens = decodes + min(queued, max(0, cap - decodes))
         fill = cost.marginal(step_tokens, ld.running_tokens)
         slots.append(RankSlot(
             rank=ld.rank, seqs=ld.max_num_seqs - ld.num_running - ld.num_waiting, tokens=budget,
@@ -131,6 +135,21 @@ def place_in_order(requests, place, strict: int = 0):
         else:
             out.setdefault(rank, []).append(req)
     return out, left
+
+
+def water_level(work: list[float], amount: float) -> float:
+    """The level L at which pouring `amount` onto ranks already holding `work` fills them evenly:
+    sum(max(0, L - w)) == amount (ranks above L take none of it)."""
+    if not work:
+        return 0.0
+    ws = sorted(work)
+    below = 0.0
+    for i, w in enumerate(ws):
+        below += w
+        level = (amount + below) / (i + 1)
+        if i + 1 == len(ws) or level <= ws[i + 1]:
+            return level
+    return level
 
 
 # ---- prefill: water-filling -----------------------------------------------------------------------

@@ -32,6 +32,8 @@ def take_out(queue: list[Request], request_id: str) -> Request | None:
 @dataclass
 class StepPlan:
     assignments: dict[int, list[Request]] = field(default_factory=dict)   # rank -> requests admitted now
+    # rank -> token budget of its next step (SBS's common level); None: each rank's own maximum
+    budgets: dict[int, int] | None = None
 
     @property
     def num_requests(self) -> int:

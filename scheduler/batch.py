@@ -66,11 +66,22 @@ class BatchScheduler:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, budget: int | None = None) -> ScheduledBatch:
+        """`budget`: this step's token budget from the global plan (SBS's level budgets), at most
+        max_num_batched_tokens; None: max_num_batched_tokens. Decodes are never cut: a budget below
+        the running decodes is raised to them (a global plan gives at least that anyway)."""
         batch = ScheduledBatch()
         scheduled: set[Request] = set()
-        budget = self.max_num_batched_tokens
-        # 1. Decodes. max_num_batched_tokens >= max_num_seqs, so the budget always covers them.
+        if budget is None:
+            budget = self.max_num_batched_tokens
+        elif budget < 0:
+            raise ValueError(f"step budget must be >= 0, got {budget}")
+        else:
+            decodes = sum(1 for r in self.running
+                          if r.status is RequestStatus.RUNNING and r.remaining_tokens == 1)
+            budget = max(decodes, min(int(budget), self.max_num_batched_tokens))
+        # 1. Decodes. max_num_batched_tokens >= max_num_seqs, and a step budget is raised to the
+        #    decodes, so the budget always covers them.
         for req in list(self.running):
             if req.status is RequestStatus.RUNNING and req.remaining_tokens == 1:
                 if self._reserve(req, 1, scheduled, batch):
@@ -79,7 +90,7 @@ class BatchScheduler:
                     budget -= 1
         # 2. Partially prefilled requests continue before anyone new starts.
         for req in list(self.running):
-            if budget == 0:
+            if budget <= 0:
                 break
             if req.status is RequestStatus.RUNNING and req not in scheduled:
                 n = self._reserve(req, min(req.remaining_tokens, budget), scheduled, batch)

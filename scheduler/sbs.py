@@ -21,14 +21,24 @@ outlier take no new work while others can. `max_wait_s` bounds every hold: a req
 long moves to the head of the line and no younger request is placed before it, so nothing starves
 (a wait for capacity that no rank has is not a hold: the request goes as soon as a rank can take it).
 
+Step-level budgets (`level`, on by default): at every boundary each rank of the group also gets a
+token budget for this step, one common level for all (level_budgets): the water level of the
+group's pending prefill work, never below min_chunk() (a multiple of c0 / c_tok of the fitted cost
+model, so the fixed per-step cost stays a bounded share of a step). A long prompt is then chunked
+to the level of the others and continues next step, instead of one rank running its full chunk
+budget while the others wait at the all-to-all; under heavy load the level reaches each rank's
+maximum and the budgets stop mattering. The budgets travel in StepPlan.budgets (None from the
+immediate baselines: each rank's own maximum).
+
 role="decode" (the decode pool of P/D separation): prefilled requests go, at the pool group's
 boundary, to the rank chosen by the decode rule (IQR KV outliers excluded, then fewest sequences,
 then lowest KV use), among ranks with a slot and KV blocks for the transferred context.
 """
+import math
 from collections import OrderedDict, deque
 
 from scheduler.allocation import StepCostModel, choose_decode_rank, iqr_outliers, place_in_order, rank_slots
-from scheduler.allocation import take, water_fill
+from scheduler.allocation import take, water_fill, water_level
 from scheduler.base import GlobalScheduler, StepPlan, order_key, take_out
 from scheduler.load import RankLoad
 from scheduler.prefix import block_hashes
@@ -41,7 +51,8 @@ class StaggeredBatchScheduler(GlobalScheduler):
     def __init__(self, num_ranks: int, *, order="fcfs", max_wait_s: float = 2.0, hold_steps: float = 0.0,
                  hold_s: float | None = None, fill_fraction: float = 0.9, prefix_aware: bool = True,
                  kv_watermark: float = 0.01, cost_prior=(0.01, 2e-5, 1e-9), rate_window: int = 64,
-                 adaptive: bool = True, lpt: bool = True, role: str = "prefill"):
+                 adaptive: bool = True, lpt: bool = True, level: bool = True, chunk_factor: float = 4.0,
+                 role: str = "prefill"):
         super().__init__(num_ranks, role)
         if max_wait_s <= 0 or hold_steps < 0 or (hold_s is not None and hold_s < 0):
             raise ValueError("max_wait_s must be > 0, hold_steps and hold_s >= 0")
@@ -50,13 +61,17 @@ class StaggeredBatchScheduler(GlobalScheduler):
         self.key = order_key(order)
         self.max_wait_s, self.hold_steps, self.hold_s = max_wait_s, hold_steps, hold_s
         self.fill_fraction, self.kv_watermark = fill_fraction, kv_watermark
+        if chunk_factor <= 0:
+            raise ValueError(f"chunk_factor must be > 0, got {chunk_factor}")
         self.prefix_aware, self.adaptive, self.lpt = prefix_aware, adaptive, lpt
+        self.level, self.chunk_factor = level, chunk_factor
         self.cost = StepCostModel(prior=cost_prior)
         self.buffer: list[Request] = []
         self._since: dict[str, float] = {}                       # request id -> time buffered
         self._arrivals: deque = deque(maxlen=max(2, rate_window))  # (time, tokens)
         self._chains: dict[str, list[int]] = {}                  # request id -> prompt block hashes
         self._cached: dict[int, OrderedDict] = {}                # rank -> hashes it likely holds
+        self._group_of: dict[int, tuple] = {}                    # rank -> the ranks planned with it
 
     # ---- interface ---------------------------------------------------------------------------
     def add_request(self, req: Request, now: float) -> None:
@@ -72,21 +87,31 @@ class StaggeredBatchScheduler(GlobalScheduler):
         return take_out(self.buffer, request_id) is not None and self._since.pop(request_id) is not None
 
     def observe_step(self, now, step_time_s, per_rank_tokens, *, ranks=None, per_rank_context=None):
-        super().observe_step(now, step_time_s, per_rank_tokens, ranks=ranks, per_rank_context=per_rank_context)
+        super().observe_step(now, step_time_s, per_rank_tokens, ranks=ranks,
+                             per_rank_context=per_rank_context)
         if sum(per_rank_tokens) == 0:
             return
         ctx = per_rank_context or [0.0] * len(per_rank_tokens)
-        i = max(range(len(per_rank_tokens)), key=lambda i: (self.cost.marginal(per_rank_tokens[i], ctx[i]), -i))
+        i = max(range(len(per_rank_tokens)),
+                key=lambda i: (self.cost.marginal(per_rank_tokens[i], ctx[i]), -i))
         self.cost.observe(step_time_s, per_rank_tokens[i], ctx[i])
 
     def plan(self, now: float, loads: list[RankLoad]) -> StepPlan:
         self.record_loads(loads)
-        if not self.buffer or not loads:
+        if not loads:
             return StepPlan()
+        budgets = shares = None
+        if self.level and self.role == "prefill":
+            budgets, shares = self.level_budgets(loads)
+        if not self.buffer:
+            return StepPlan(budgets=budgets)
         bs = loads[0].block_size
-        slots = rank_slots(loads, self.cost, self.kv_watermark)
+        slots = rank_slots(loads, self.cost, self.kv_watermark, shares)
+        # The hold decision weighs the buffer against the ranks' full budgets: against the level
+        # shares it would always fill them (the level is where the buffer fills them).
+        full = slots if shares is None else rank_slots(loads, self.cost, self.kv_watermark)
         for i in iqr_outliers([s.kv_usage for s in slots]):
-            slots[i].excluded = True
+            slots[i].excluded = full[i].excluded = True
         # Aging: whoever waited max_wait_s goes to the head of the line (oldest first) and is not
         # bypassed by younger work, so nothing starves behind a stream of better-ranked requests.
         order = sorted(self.buffer, key=self.key) if self.key else list(self.buffer)
@@ -103,14 +128,14 @@ class StaggeredBatchScheduler(GlobalScheduler):
             order = [r for r in order if r not in doomed]
         if self.role == "decode":
             fill, _ = self._decode_fill(order, slots, bs, strict=len(aged))
-        elif aged or self._release_now(now, loads, slots):
+        elif aged or self._release_now(now, loads, full):
             fill, _ = water_fill(order, slots, self.cost, bs, self._hits, strict=len(aged), lpt=self.lpt)
         else:
             fill = {}
         for rank, reqs in fill.items():
             out.setdefault(rank, []).extend(reqs)
         if not out:
-            return StepPlan()
+            return StepPlan(budgets=budgets)
         assigned = {r.request_id for v in out.values() for r in v}
         self.buffer = [r for r in self.buffer if r.request_id not in assigned]
         for rank, reqs in out.items():
@@ -119,7 +144,58 @@ class StaggeredBatchScheduler(GlobalScheduler):
                 if self.prefix_aware and self.role == "prefill":
                     self._remember(rank, self._chain(r, bs), self.loads[rank])
                 self._chains.pop(r.request_id, None)
-        return self.hand_over(out)
+        plan = self.hand_over(out)
+        plan.budgets = budgets
+        return plan
+
+    # ---- step-level budgets ------------------------------------------------------------------
+    def min_chunk(self, cap: int) -> int:
+        """The smallest level worth a step: `chunk_factor` times the tokens whose marginal cost
+        equals the fixed per-step cost (c0 / c_tok of the fitted model), so a step's fixed part
+        stays about 1 / (1 + chunk_factor) of it. Follows the fit: a machine whose steps cost
+        mostly per token chunks finer than one dominated by fixed latency."""
+        c0, c_tok, _ = self.cost.coefficients
+        if c_tok <= 0:
+            return cap
+        return max(1, min(cap, int(self.chunk_factor * c0 / c_tok)))
+
+    def level_budgets(self, loads: list[RankLoad]) -> tuple[dict[int, int], dict[int, int]]:
+        """Every rank of the group gets the same token budget for its next step: the water level
+        of the group's pending prefill work (each rank's queued tokens and decodes, with the
+        buffer poured on top, less likely prefix hits), at least min_chunk(), at most the rank's
+        own maximum. A long prompt is then chunked to the level of the others and continues next
+        step, rather than one rank running to its full budget while the others wait at the
+        all-to-all. Under heavy load the level reaches the maximum: the budgets stop mattering.
+        Returns (budgets, shares): a share is the level without the min_chunk() floor, what the
+        rank may newly admit now, so that an instance takes only its part of a burst and leaves
+        the rest to the busy instances that reach a boundary after it."""
+        live = [ld for ld in loads if ld.rank not in self.dead]
+        if not live:
+            return {}, {}
+        work = [ld.num_running + ld.waiting_prefill_tokens for ld in live]
+        # Ranks of other instances that are busy reach a boundary within a step and take their share
+        # then: the level spreads the buffer over them too, so the first instance at a boundary does
+        # not swallow a whole burst in one long step while the others idle. Idle instances are left
+        # out (they take work when offered it, at an arrival, and nothing is held away from them).
+        here = tuple(ld.rank for ld in loads)
+        for r in here:
+            self._group_of[r] = here
+        busy = {g for r, g in self._group_of.items() if r in self.loads and g != here and r not in self.dead
+                and (self.loads[r].num_running or self.loads[r].num_waiting or self.sent[r])}
+        for g in busy:
+            work += [self.loads[r].num_running + self.loads[r].waiting_prefill_tokens + self.sent[r]
+                     for r in g if r in self.loads and r not in self.dead]
+        pending = 0
+        for r in self.buffer:
+            h = max((self._hits(r, ld.rank) for ld in live), default=0) if self.prefix_aware else 0
+            pending += r.num_tokens - min(h, r.num_tokens - 1)
+        level = water_level(work, pending)
+        budgets, shares = {}, {}
+        for ld in loads:
+            cap = ld.max_num_batched_tokens
+            budgets[ld.rank] = max(ld.num_running, min(cap, max(self.min_chunk(cap), math.ceil(level))))
+            shares[ld.rank] = max(ld.num_running + 1, min(cap, math.ceil(level)))
+        return budgets, shares
 
     # ---- release decision --------------------------------------------------------------------
     def hold_bound(self, ranks) -> float:

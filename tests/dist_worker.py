@@ -15,11 +15,11 @@ def generate(model_dir, spec_file, out_prefix):
     if die_at is not None and dist.get_rank() == 1:
         worker, orig, n = llm.engine.worker, llm.engine.worker.step, [0]
 
-        def dying_step():
+        def dying_step(*args):
             n[0] += 1
             if n[0] == die_at:
                 os._exit(3)   # a rank that vanishes mid-run, as after a crash
-            return orig()
+            return orig(*args)
         worker.step = dying_step
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
     outs = llm.generate(spec["prompts"], params)

@@ -74,8 +74,8 @@ def test_prefix_cache_is_used(tmp_path):
     sched = llm.engine.worker.scheduler
     orig = sched.schedule
 
-    def spy():
-        b = orig()
+    def spy(budget=None):
+        b = orig(budget)
         seen.extend((r.request_id, r.num_cached_tokens) for r, _ in b.items)
         return b
     sched.schedule = spy

@@ -168,12 +168,14 @@ class Simulator:
                 try:
                     rank.sched.add(req)
                 except ValueError as e:
-                    req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, f"error: {e}", now
+                    req.status, req.finish_reason = RequestStatus.FINISHED, f"error: {e}"
+                    req.finish_time = now
                     self.rec.done(req)
         if inst.role == "decode":
             for rank in inst.ranks:
                 rank.incoming = [r for r in rank.incoming if not self._install(rank, r, now)]
-        batches = [r.sched.schedule() for r in inst.ranks]
+        budgets = plan.budgets or {}
+        batches = [r.sched.schedule(budgets.get(r.gid)) for r in inst.ranks]
         if all(b.is_empty for b in batches):
             inst.busy, inst.idle_since = False, now
             return
@@ -229,7 +231,8 @@ class Simulator:
         req.status, req.finish_reason = RequestStatus.WAITING, None
         req.num_computed_tokens = req.num_tokens - 1   # KV that travels with it
         nbytes = req.num_computed_tokens * self.cfg.kv_bytes_per_token
-        self._push(now + self.cfg.kv_transfer_latency + nbytes / self.cfg.kv_transfer_bw, "transfer_done", req)
+        arrive = now + self.cfg.kv_transfer_latency + nbytes / self.cfg.kv_transfer_bw
+        self._push(arrive, "transfer_done", req)
 
     def _install(self, rank: _Rank, req: Request, now: float) -> bool:
         """Place a transferred request's KV into the decode rank's pool; False if it must wait."""
@@ -237,7 +240,8 @@ class Simulator:
         n = req.num_tokens - 1
         req.num_computed_tokens, req.block_table = 0, []
         if -(-n // bm.block_size) > bm.num_blocks:
-            req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, "error: context exceeds KV pool", now
+            req.status, req.finish_reason = RequestStatus.FINISHED, "error: context exceeds KV pool"
+            req.finish_time = now
             self.rec.done(req)
             return True
         if len(s.running) >= s.max_num_seqs or not bm.can_append(req, n + 1):
