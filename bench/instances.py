@@ -149,6 +149,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kill", default="no,yes", help="no, yes or both (no,yes)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sim-only", action="store_true", help="only the simulator's prediction (no jobs)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     from model.config import load_config
@@ -166,7 +167,7 @@ def main(argv=None):
             sim = run_sim(a, name, specs, k)
             sim_s = summarize({int(rid[1:]): r[2] - r[0] for rid, r in sim.items()}, specs, window)
             reals = []
-            for rep in range(a.repeats):
+            for rep in range(0 if a.sim_only else a.repeats):
                 outs, _ = run_real(a, name, specs, k)
                 errors = sum(1 for o in outs if o.finish_reason != "length")
                 s = summarize({i: o.metrics.ttft for i, o in enumerate(outs)
@@ -184,7 +185,7 @@ def main(argv=None):
         cell = []
         for m in ("mean", "p99", "win_mean"):
             vals = sorted(x[m] * 1e3 for x in r["real"])
-            cell.append(f"{statistics.median(vals):.0f} [{vals[0]:.0f}-{vals[-1]:.0f}] ms")
+            cell.append(f"{statistics.median(vals):.0f} [{vals[0]:.0f}-{vals[-1]:.0f}] ms" if vals else "-")
             cell.append(f"{r['sim'][m] * 1e3:.0f} ms")
         print(f"| {name} | {kill} | " + " | ".join(cell) + " |")
     if a.out:
