@@ -31,6 +31,10 @@ class EngineConfig:
     pd: str | None = None                   # "P:D": P prefill + D decode instances (sets instances)
     scheduler_port: int | None = None       # global scheduler's port (default MASTER_PORT + 1)
     step_timeout_s: float = 300.0           # a rank silent this long brings the job down
+    scheduler_address: str | None = None    # "HOST:PORT": this world is one instance of a separate
+                                            # global scheduler (launch.instance); secret from the env
+    role: str = "mixed"                     # with scheduler_address: mixed | prefill | decode
+    dead_after_s: float = 10.0              # an instance silent this long is presumed dead
     prefill_instances: int = field(default=0, init=False)   # from pd: the first P instances prefill
 
     @classmethod
@@ -59,7 +63,10 @@ class EngineConfig:
                 raise ValueError(f"engine option pd must look like 'P:D' with P, D >= 1, got {self.pd!r}") \
                     from None
             self.instances, self.prefill_instances = p + d, p
-        for name, allowed in (("attention_backend", ("auto", "torch", "triton")),
+        if self.scheduler_address is not None and (self.instances != 1 or self.pd is not None):
+            raise ValueError("scheduler_address makes this world one instance: instances and pd do not apply")
+        for name, allowed in (("role", ("mixed", "prefill", "decode")),
+                              ("attention_backend", ("auto", "torch", "triton")),
                               ("linear_backend", ("auto", "torch", "triton")),
                               ("moe_backend", ("auto", "torch", "triton")),
                               ("all_to_all_backend", ("torch", "deepep")),

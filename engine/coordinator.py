@@ -59,6 +59,7 @@ class Coordinator:
         self._rebalanced: dict[int, int] = {}    # ... and how many each instance has carried out
         self._steps_of: dict[int, int] = {}      # instance -> steps it reported
         self._ids = itertools.count()
+        self.seen: set[str] = set()   # requests whose tokens already reached a client (no restart)
 
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -69,7 +70,8 @@ class Coordinator:
         if prompt_ids and not (all(type(t) is int for t in prompt_ids) and 0 <= min(prompt_ids)
                                and max(prompt_ids) < vocab):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
-        check_request(len(prompt_ids), params.max_tokens, self.max_model_len, self.num_kv_blocks,
+        blocks = self.num_kv_blocks or 1 << 62   # None: a scheduler service before any instance joined
+        check_request(len(prompt_ids), params.max_tokens, self.max_model_len, blocks,
                       self.cfg.kv_block_size, room=1)
 
     def add_request(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
@@ -109,12 +111,17 @@ class Coordinator:
         return bool(self.unfinished)
 
     # ---- one instance's step -------------------------------------------------------------------
-    def plan(self, loads: list[RankLoad], ranks: list[int], instance: int = 0) -> StepPlanMsg:
+    def plan(self, loads: list[RankLoad], ranks: list[int], instance: int = 0,
+             admit: bool = True) -> StepPlanMsg:
+        """admit=False: a draining instance, which gets no new work."""
         now = time.time()
         for r in ranks:
             self._instance_of[r] = instance
         decode = ranks[0] >= self.prefill_ranks
-        msg = self._plan_decode(now, loads) if decode else self._plan_prefill(now, loads, ranks)
+        if not admit:
+            msg = StepPlanMsg(sends={r: self._sends.pop(r) for r in ranks if self._sends.get(r)})
+        else:
+            msg = self._plan_decode(now, loads) if decode else self._plan_prefill(now, loads, ranks)
         msg.aborts = [r for r in self._aborts if self._where.get(r, ranks[0]) in ranks]   # rankless: anywhere
         self._aborts = [r for r in self._aborts if r not in msg.aborts]
         every, n = self.cfg.eplb_interval_steps, self._steps_of.get(instance, 0)   # this instance's steps
@@ -211,21 +218,58 @@ class Coordinator:
         self._where.pop(rid, None)
         self._specs.pop(rid, None)
 
-    def requeue_instance(self, instance: int) -> list[str]:
-        """Put the unfinished requests of a dead instance back into the buffer; their outputs
-        restart (a request is never lost, nor finished twice)."""
-        ranks = {r for r, i in self._instance_of.items() if i == instance}
+    def requeue_instance(self, instance: int, ranks=None) -> list[RequestOutput]:
+        """A dead instance's unfinished requests. Those no client has seen a token of (`seen`; never
+        for generate()) go back into the buffer and restart from scratch elsewhere; those whose
+        tokens already reached a client end with finish_reason "error: instance lost" (a restart
+        would stream different tokens after the ones already shown). Nothing is lost or finished
+        twice. Returns the outputs that ended with the error."""
+        if ranks is None:
+            ranks = {r for r, i in self._instance_of.items() if i == instance}
+        ranks = set(ranks)
         lost = [rid for rid, r in self._where.items() if r in ranks and rid in self.unfinished]
+        failed, now = [], time.time()
         for rid in lost:
             out = self.outputs[rid]
+            if rid in self.seen:
+                out.finish_reason, out.new_token_ids = "error: instance lost", []
+                out.metrics.finish_time = now
+                self._forget(rid)
+                failed.append(out)
+                continue
             out.token_ids, out.new_token_ids = [], []
             out.text = "" if out.text is not None else None
             out.metrics.first_token_time, out.metrics.token_times = None, []
             del self._where[rid]
-            self.policy.add_request(self._specs[rid].to_request(), time.time())
-        for req in self.policy.drop_ranks(ranks):   # pinned to a dead rank, never handed over
-            self.policy.add_request(req, time.time())
-        return lost
+            self.policy.add_request(self._specs[rid].to_request(), now)
+        self.set_live(ranks, False)
+        for r in ranks:
+            self._sends.pop(r, None)
+        return failed
+
+    def set_live(self, ranks, live: bool) -> None:
+        """Ranks join (an instance registered) or leave (died, or drains): the policies plan only
+        for live ranks; requests pinned to a leaving rank and not handed over yet are re-placed."""
+        off, now = self.prefill_ranks, time.time()
+        for policy, rs in ((self.policy, [r for r in ranks if r < off]),
+                           (self.decode_policy, [r - off for r in ranks if r >= off])):
+            if policy is None or not rs:
+                continue
+            if live:
+                policy.add_ranks(rs)
+            else:
+                for req in policy.drop_ranks(rs):
+                    policy.add_request(req, now)
+
+    def holds(self, ranks) -> bool:
+        """Does any unfinished request still run (or wait to send its KV) on these ranks?"""
+        ranks = set(ranks)
+        return any(r in ranks for r in self._where.values()) or any(self._sends.get(r) for r in ranks)
+
+    def drop_output(self, request_id: str) -> None:
+        """Drop a finished request's output (a long-running service hands each out once)."""
+        self.outputs.pop(request_id, None)
+        self.seen.discard(request_id)
 
     def step_metrics(self) -> dict:
         s = self.steps

@@ -85,6 +85,18 @@ def broadcast_from_rank0(obj):
     return box[0]
 
 
+def share_secret(secret: bytes | None) -> bytes:
+    """Rank 0's secret on every rank, as a raw byte tensor over the control group (no pickle)."""
+    t = torch.zeros(256, dtype=torch.uint8)
+    if secret is not None:
+        if len(secret) > 255:
+            raise ValueError("secret longer than 255 bytes")
+        t[0] = len(secret)
+        t[1:1 + len(secret)] = torch.frombuffer(bytearray(secret), dtype=torch.uint8)
+    dist.broadcast(t, src=0, group=_CONTROL)
+    return bytes(t[1:1 + int(t[0])].tolist())
+
+
 def scheduler_address(port: int | None):
     """Where the global scheduler of a multi-instance world listens (on the master node)."""
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")

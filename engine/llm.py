@@ -7,7 +7,9 @@ from model.tokenizer import load_tokenizer
 from . import distributed, kv_cache
 from .ep import DeepEPComm, ExpertPlacement, make_all_to_all
 from .expert_balancer import ExpertBalancer
-from .instances import CoordinatorServer, RemoteCoordinator, instance_ranks
+from . import channel
+from .instances import RemoteCoordinator, SchedulerServer, instance_ranks
+from .kv_transfer import SocketTransfers
 from .pd import Transfers
 from .config import EngineConfig
 from .coordinator import Coordinator
@@ -71,28 +73,44 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         pd = cfg.pd is not None   # the first P instances prefill, the other D decode
-        role = ("prefill" if inst < cfg.prefill_instances else "decode") if pd else "mixed"
+        role = ("prefill" if inst < cfg.prefill_instances else "decode") if pd else cfg.role
         balancer = (ExpertBalancer(net, local_rank, n, cfg.num_redundant_experts, group=pg)
                     if net.moe_layers() else None)
+        transfers = Transfers(cfg.step_timeout_s) if pd else None
+        if not pd and role != "mixed":   # P/D across jobs: KV over sockets (engine.kv_transfer)
+            transfers = SocketTransfers(channel.load_secret(), cfg.step_timeout_s, serve=role == "prefill")
         worker = RankWorker(net, caches, cfg, self.tokenizer, eos, max_len, device, rank=topo.rank,
-                            balancer=balancer, role=role,
-                            transfers=Transfers(cfg.step_timeout_s) if pd else None)
+                            balancer=balancer, role=role, transfers=transfers)
         decode_ranks = topo.world_size - cfg.prefill_instances * n if pd else 0
         coord = Coordinator(mc, cfg, self.tokenizer, max_len, n_blocks, topo.world_size, decode_ranks)
-        self.engine = self._engine(worker, coord, group, ranks, inst)
+        self.engine = self._engine(worker, coord, group, ranks, inst, n_blocks)
 
-    def _engine(self, worker, coord, group, ranks, inst) -> LLMEngine:
-        """One instance: every rank keeps a Coordinator. Several: rank 0 hosts the global
-        scheduler's server thread and each instance leader holds a channel to it."""
+    def _engine(self, worker, coord, group, ranks, inst, n_blocks) -> LLMEngine:
+        """One instance in one world: every rank keeps a Coordinator. Several (instances=M): rank 0
+        hosts the global scheduler's server thread and each instance leader holds a channel to it,
+        with a secret made for this run. scheduler_address: the global scheduler is a separate
+        service and this world is one of its instances (secret from the environment)."""
         cfg, topo = self.config, self.topology
+        leader = topo.rank == ranks[0]
+        common = dict(role=worker.role, kv_blocks=n_blocks, block_size=cfg.kv_block_size,
+                      timeout_s=cfg.step_timeout_s)
+        if cfg.scheduler_address is not None:
+            kv = getattr(worker.transfers, "address", None)   # prefill ranks' KV servers, to the leader
+            kv = (group.gather(kv) if group is not None else [kv]) if kv is not None else None
+            remote = RemoteCoordinator(channel.parse_address(cfg.scheduler_address), channel.load_secret(),
+                                       ranks, kv_addresses=kv, **common) if leader else None
+            return LLMEngine(worker, None, group, ranks, inst, several=True, remote=remote)
         if cfg.instances == 1:
             return LLMEngine(worker, coord, group, ranks, inst)
         address = distributed.scheduler_address(cfg.scheduler_port)
+        secret = distributed.share_secret(channel.new_secret() if topo.rank == 0 else None)
         if topo.rank == 0:
-            self.server = CoordinatorServer(coord, address, cfg.instances, cfg.step_timeout_s)
+            self.server = SchedulerServer(coord, address, secret, topo.world_size, cfg.dead_after_s)
             self.server.start()
         distributed.barrier()
-        remote = RemoteCoordinator(address, inst, cfg.step_timeout_s) if topo.rank == ranks[0] else None
+        remote = RemoteCoordinator(address, secret, ranks, wish_ranks=ranks, wish_instance=inst,
+                                   **common) if leader else None
+        distributed.barrier()   # every instance registered before requests come
         return LLMEngine(worker, self.server and self.server.coordinator, group, ranks, inst, several=True,
                          remote=remote, lock=self.server and self.server.lock)
 
@@ -148,13 +166,25 @@ class LLM:
         return distributed.broadcast_from_rank0(results)
 
     def run_until_stopped(self) -> None:
-        """Step this rank's instance until the global scheduler stops it (multi-instance mode)."""
+        """Step this rank's instance until the global scheduler stops it (multi-instance mode, or
+        an instance of a separate scheduler service: it stops once drained)."""
         while True:
             self.engine.step()
             if self.server is not None:
                 self.server.check()
             if self.engine.stopped:
                 return
+
+    def drain(self) -> None:
+        """Instance of a scheduler service: take no new work; run_until_stopped() returns when
+        what this instance runs is done (call on the leader; the others learn it at the boundary)."""
+        if isinstance(self.engine.planner, RemoteCoordinator):
+            self.engine.planner.drain()
+
+    def close(self) -> None:
+        """Leave the global scheduler cleanly (an instance that just vanishes is presumed dead)."""
+        if isinstance(self.engine.planner, RemoteCoordinator):
+            self.engine.planner.close()
 
 
 def _join_world(cfg, topo, device):

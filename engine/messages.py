@@ -61,6 +61,7 @@ class Recv:
     tag: int
     first_token: int
     num_tokens: int
+    src_address: str | None = None   # prefill rank in another world: its KV server (engine.kv_transfer)
 
 
 @dataclass

@@ -84,6 +84,10 @@ class GlobalScheduler:
             self.loads.pop(r, None)
         return []
 
+    def add_ranks(self, ranks) -> None:
+        """Ranks that (re)joined: an instance registered with the global scheduler."""
+        self.dead -= set(ranks)
+
     def live_ranks(self) -> list[int]:
         return [r for r in range(self.num_ranks) if r not in self.dead]
 

@@ -13,14 +13,24 @@ class Immediate(GlobalScheduler):
         super().__init__(num_ranks, role)
         self._assigned: list[list[Request]] = [[] for _ in range(num_ranks)]
         self.queued = [0] * num_ranks    # tokens assigned but not yet handed over
+        self._unplaced: list[Request] = []   # arrived while no rank was live
 
     def pick(self, req: Request) -> int:
         raise NotImplementedError
 
     def add_request(self, req: Request, now: float) -> None:
+        if not self.live_ranks():
+            self._unplaced.append(req)
+            return
         rank = self.pick(req)
         self._assigned[rank].append(req)
         self.queued[rank] += req.num_tokens
+
+    def add_ranks(self, ranks) -> None:
+        super().add_ranks(ranks)
+        waiting, self._unplaced = self._unplaced, []
+        for req in waiting:
+            self.add_request(req, 0.0)
 
     def plan(self, now: float, loads: list[RankLoad]) -> StepPlan:
         self.record_loads(loads)
@@ -32,9 +42,11 @@ class Immediate(GlobalScheduler):
         return self.hand_over(out)
 
     def num_pending(self) -> int:
-        return sum(len(a) for a in self._assigned)
+        return sum(len(a) for a in self._assigned) + len(self._unplaced)
 
     def remove(self, request_id: str) -> bool:
+        if take_out(self._unplaced, request_id) is not None:
+            return True
         for rank, reqs in enumerate(self._assigned):
             if (r := take_out(reqs, request_id)) is not None:
                 self.queued[rank] -= r.num_tokens

@@ -226,7 +226,7 @@ class StaggeredBatchScheduler(GlobalScheduler):
         # Throughput-adaptive: holding pays only if arrivals (this group's share) fill the budgets in time.
         if not self.adaptive:
             return False
-        expected = self.arrival_rate_tokens() * left * len(loads) / self.num_ranks
+        expected = self.arrival_rate_tokens() * left * len(loads) / max(1, len(self.live_ranks()))
         return buffered + expected < target
 
     # ---- decode placement --------------------------------------------------------------------

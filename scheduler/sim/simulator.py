@@ -14,6 +14,11 @@ Modes:
   pd: `instances` prefill groups; after its prefill (the first token) a request's latent KV moves to
       a decode pool of `decode_instances` groups of `decode_ranks` ranks (transfer time = latency +
       bytes / kv_transfer_bw) and is placed there by a decode-role scheduler of the same name.
+
+Failures and joins (colocated): `failures` [(time, instance)] kill an instance; after `detect_s` (the
+engine's heartbeat silence, or ~0 for a closed connection) the global scheduler drops its ranks and its
+unfinished requests restart from scratch elsewhere (engine/coordinator.py requeue_instance: the rule
+for requests no client saw). `joins` [time] add an instance of `ranks` ranks, live from then on.
 """
 import heapq
 from dataclasses import dataclass, field
@@ -47,6 +52,9 @@ class SimConfig:
     scheduler_options: dict = field(default_factory=dict)
     decode_scheduler_options: dict = field(default_factory=dict)
     rank_order: object = "fcfs"           # ranks' local queue order: "fcfs", or f(block_manager) -> order key
+    failures: list = field(default_factory=list)   # colocated: [(time_s, instance index)] killed then
+    joins: list = field(default_factory=list)      # colocated: [time_s] a new instance joins then
+    detect_s: float = 0.0                 # failure -> the scheduler presumes the instance dead
 
 
 class _Rank:
@@ -65,6 +73,7 @@ class _Instance:
         self.busy = False
         self.idle_since = 0.0
         self.current = None
+        self.alive = True
 
 
 def _kv_blocks(cfg: SimConfig, cost) -> int:
@@ -82,10 +91,15 @@ class Simulator:
         self.name = scheduler
         self.rec = Recorder()
         self.instances: list[_Instance] = []
-        n = cfg.instances * cfg.ranks
-        gs = make_global_scheduler(scheduler, n, instances=cfg.instances, **cfg.scheduler_options)
-        self._build("prefill" if cfg.mode == "pd" else "colocated", cfg.instances, cfg.ranks, gs, make_cost,
+        if cfg.mode == "pd" and (cfg.failures or cfg.joins):
+            raise ValueError("failures and joins are modelled for colocated instances only")
+        count = cfg.instances + len(cfg.joins)
+        gs = make_global_scheduler(scheduler, count * cfg.ranks, instances=count, **cfg.scheduler_options)
+        self._build("prefill" if cfg.mode == "pd" else "colocated", count, cfg.ranks, gs, make_cost,
                     cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        for inst in self.instances[cfg.instances:]:   # joiners: not live until they join
+            inst.alive = False
+            gs.drop_ranks([r.gid for r in inst.ranks])
         self.decode_gs = None
         if cfg.mode == "pd":
             self.decode_gs = make_global_scheduler(scheduler, cfg.decode_instances * cfg.decode_ranks,
@@ -111,6 +125,10 @@ class Simulator:
     def run(self) -> Recorder:
         for i, s in enumerate(self.specs):
             self._push(s.arrival_s, "arrive", i)
+        for t, idx in self.cfg.failures:
+            self._push(t, "fail", self.instances[idx])
+        for k, t in enumerate(self.cfg.joins):
+            self._push(t, "join", self.instances[self.cfg.instances + k])
         horizon = self.cfg.horizon
         now = 0.0
         while self._events:
@@ -124,8 +142,18 @@ class Simulator:
                 self.gs.add_request(req, now)
                 self._kick("prefill", now)
             elif kind == "step_end":
+                if not obj.alive:
+                    continue   # the instance died during this step: its results never arrive
                 self._end_step(obj, now)
                 self._start_step(obj, now)
+            elif kind == "fail":
+                self._fail(obj, now)
+            elif kind == "lost":
+                self._requeue(*obj, now)
+            elif kind == "join":
+                obj.alive, obj.idle_since = True, now
+                self.gs.add_ranks([r.gid for r in obj.ranks])
+                self._kick("prefill", now)
             elif kind == "transfer_done":
                 self.decode_gs.add_request(obj, now)
                 self._kick("decode", now)
@@ -136,7 +164,8 @@ class Simulator:
 
     def _kick(self, role, now):
         """Offer the buffer to idle instances, the one idle longest first; then arm a timer if asked."""
-        idle = sorted((i for i in self.instances if not i.busy and (i.role == role or role == "prefill"
+        idle = sorted((i for i in self.instances if i.alive and not i.busy and (i.role == role
+                                                                                or role == "prefill"
                                                                       and i.role == "colocated")),
                       key=lambda i: (i.idle_since, i.idx))
         for inst in idle:
@@ -152,6 +181,25 @@ class Simulator:
         ids = s.prompt_token_ids if s.prompt_token_ids is not None else [i + 1] + [0] * (s.prompt_len - 1)
         return Request(f"r{i}", ids, s.max_tokens, arrival_time=s.arrival_s, priority=s.priority,
                        session_id=s.session_id)
+
+    # ---- failures ----------------------------------------------------------------------------
+    def _fail(self, inst: _Instance, now: float) -> None:
+        if not inst.alive:
+            return
+        inst.alive, inst.busy, inst.current = False, False, None
+        lost = [r for rank in inst.ranks for r in list(rank.sched.running) + list(rank.sched.waiting)
+                if not r.is_finished]
+        self._push(now + self.cfg.detect_s, "lost", (inst, lost))
+
+    def _requeue(self, inst: _Instance, lost: list[Request], now: float) -> None:
+        """The scheduler presumes the instance dead: the same calls as the engine's coordinator."""
+        for req in self.gs.drop_ranks([r.gid for r in inst.ranks]):   # pinned, never handed over
+            self.gs.add_request(req, now)
+        for old in lost:   # restart from scratch: a fresh request, same id and arrival
+            self.gs.add_request(Request(old.request_id, old.prompt_token_ids, old.max_tokens,
+                                        arrival_time=old.arrival_time, priority=old.priority,
+                                        session_id=old.session_id), now)
+        self._kick("prefill", now)
 
     # ---- steps -------------------------------------------------------------------------------
     def _start_step(self, inst: _Instance, now: float) -> None:

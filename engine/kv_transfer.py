@@ -1,0 +1,124 @@
+"""P/D across separate worlds: latent KV rows travel over the authenticated channel.
+
+torch.distributed cannot span two torchrun jobs, so each prefill rank of a job serves its handed-off
+requests' rows on a socket of its own (engine.channel, same deployment secret), and the decode rank
+fetches them by transfer tag. The interface is engine.pd.Transfers' (send/recv/poll at step
+boundaries, callbacks run on the step loop's thread, every transfer with a deadline), so the worker
+and the decode-side rule are unchanged. Rows go as raw bytes with a dtype/shape header, never pickle.
+"""
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import channel
+
+DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)}
+
+
+@dataclass
+class KvFetch:
+    tag: int
+
+
+@dataclass
+class KvRows:
+    tag: int
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+def _codec():
+    return channel.Codec([KvFetch, KvRows])
+
+
+class SocketTransfers:
+    """A rank's KV transfers to and from other worlds. `serve=True` (prefill ranks) listens on
+    $STAGGER_KV_HOST (loopback by default) at a free port: `address` is advertised at registration."""
+
+    def __init__(self, secret: bytes, timeout_s: float, serve: bool):
+        self.secret, self.timeout_s, self.codec = secret, timeout_s, _codec()
+        self.pending: list[tuple[threading.Event, list, float, object]] = []
+        self._ready: dict[int, tuple[KvRows, threading.Event]] = {}   # tag -> rows posted, fetched flag
+        self._lock = threading.Lock()
+        self.listener = self.address = None
+        if serve:
+            host = os.environ.get("STAGGER_KV_HOST", "127.0.0.1")
+            self.listener = channel.Listener((host, 0), secret, self.codec, self._serve_peer)
+            self.address = f"{self.listener.address[0]}:{self.listener.address[1]}"
+
+    # ---- prefill side ------------------------------------------------------------------------
+    def send(self, tensor: torch.Tensor, dst, tag: int, on_done) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        rows = KvRows(tag, str(t.dtype), list(t.shape), t.view(torch.uint8).numpy().tobytes())
+        fetched = threading.Event()
+        with self._lock:
+            self._ready[tag] = (rows, fetched)
+        self.pending.append((fetched, [tensor], time.time() + self.timeout_s, on_done))
+
+    def _serve_peer(self, ch):
+        def serve():
+            try:
+                while True:
+                    msg = ch.recv(timeout=self.timeout_s)
+                    if not isinstance(msg, KvFetch):
+                        break
+                    deadline = time.time() + self.timeout_s
+                    while True:   # the decode side may ask before this rank reached its boundary
+                        with self._lock:
+                            entry = self._ready.pop(msg.tag, None)
+                        if entry is not None or time.time() > deadline:
+                            break
+                        time.sleep(0.002)
+                    if entry is None:
+                        break
+                    ch.send(entry[0])
+                    entry[1].set()
+            except channel.ChannelError:
+                pass
+            ch.close()
+        threading.Thread(target=serve, daemon=True).start()
+
+    # ---- decode side -------------------------------------------------------------------------
+    def recv(self, shape, dtype, device, src, tag: int, on_done) -> None:
+        """`src`: the prefill rank's advertised 'HOST:PORT'."""
+        if not isinstance(src, str):
+            raise RuntimeError(f"KV transfer {tag}: no address for the prefill rank ({src!r})")
+        box, done = [None], threading.Event()
+
+        def fetch():
+            try:
+                ch = channel.connect(channel.parse_address(src), self.secret, self.codec, self.timeout_s)
+                ch.send(KvFetch(tag))
+                rows = ch.recv(timeout=self.timeout_s)
+                ch.close()
+                if not isinstance(rows, KvRows) or rows.tag != tag or rows.dtype != str(dtype) \
+                        or list(rows.shape) != list(shape):
+                    raise channel.ChannelError(f"KV transfer {tag}: unexpected rows")
+                t = torch.frombuffer(bytearray(rows.data), dtype=torch.uint8).view(DTYPES[rows.dtype])
+                box[0] = t.reshape(shape).to(device)
+            except (channel.ChannelError, OSError) as e:
+                box[0] = e
+            finally:
+                done.set()
+        threading.Thread(target=fetch, daemon=True).start()
+        self.pending.append((done, box, time.time() + self.timeout_s, on_done))
+
+    def poll(self, wait: bool = False) -> None:
+        """Finish what completed (all of it with wait=True); past its deadline, or failed, is an
+        error, never a silent hang."""
+        still = []
+        for done, box, deadline, on_done in self.pending:
+            if done.wait(max(0.0, deadline - time.time()) if wait else 0):
+                if isinstance(box[0], Exception):
+                    raise RuntimeError(f"KV transfer failed: {box[0]}")
+                on_done(box[0])
+            elif time.time() > deadline:
+                raise RuntimeError(f"KV transfer did not complete within {self.timeout_s} s: "
+                                   "the peer is gone")
+            else:
+                still.append((done, box, deadline, on_done))
+        self.pending = still
