@@ -115,8 +115,8 @@ class DrainingServer:
         return _Server(config)
 
 
-def serve(llm, a, *, install_signals: bool = True):
-    """Rank 0: run the step-loop thread and uvicorn until a signal (or server.should_exit)."""
+def build_server(llm, a, *, install_signals: bool = True):
+    """Rank 0: start the step-loop thread; -> (uvicorn server, not running yet, state, thread)."""
     import uvicorn
     from .server_api import build_app
     st = make_state(llm, a)
@@ -127,13 +127,23 @@ def serve(llm, a, *, install_signals: bool = True):
     server = DrainingServer(config, lambda: st.loop.drain(a.grace_period))
     if not install_signals:
         server.install_signal_handlers = lambda: None
+    return server, st, thread
+
+
+def finish(st, thread, timeout_s: float) -> None:
+    """After uvicorn returned: abort what is left, stop the loop (and with it every rank)."""
+    st.loop.drain(0.0)
+    st.loop.stop()
+    thread.join(timeout=timeout_s)
+
+
+def serve(llm, a):
+    server, st, thread = build_server(llm, a)
     print(f"stagger: serving {st.model_name} on http://{a.host}:{a.port}", file=sys.stderr, flush=True)
     try:
         server.run()
     finally:
-        st.loop.drain(0.0)
-        st.loop.stop()
-        thread.join(timeout=a.grace_period + 30)
+        finish(st, thread, a.grace_period + 30)
     return st
 
 

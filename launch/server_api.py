@@ -109,7 +109,9 @@ def build_app(st: ServerState) -> FastAPI:
                 raise bad(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds the "
                           f"context length {st.max_model_len}", "max_tokens")
         stream = proto._bool(body, "stream")
-        include_usage = proto.stream_options(body) if stream else False
+        include_usage = proto.stream_options(body)
+        if include_usage and not stream:
+            raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
         aq: asyncio.Queue = asyncio.Queue()
         ev_loop = asyncio.get_running_loop()
 
