@@ -102,16 +102,24 @@ def make_state(llm, a):
 
 
 class DrainingServer:
-    """uvicorn.Server whose first SIGTERM/SIGINT also starts the engine's drain."""
+    """uvicorn.Server whose first SIGTERM/SIGINT also starts the engine's drain. uvicorn would
+    re-raise a captured signal once it is done (the process would then die by it); the drain is
+    the graceful path, so the signal is not kept and the process exits 0."""
 
-    def __new__(cls, config, on_signal):
+    def __new__(cls, config, on_signal, install_signals: bool = True):
+        import contextlib
         import uvicorn
 
         class _Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
-                if not self.should_exit:
-                    on_signal()
-                super().handle_exit(sig, frame)
+                if self.should_exit:
+                    self.force_exit = True   # a second signal: stop waiting for connections
+                    return
+                on_signal()
+                self.should_exit = True
+
+            def capture_signals(self):
+                return super().capture_signals() if install_signals else contextlib.nullcontext()
         return _Server(config)
 
 
@@ -124,9 +132,7 @@ def build_server(llm, a, *, install_signals: bool = True):
     thread.start()
     config = uvicorn.Config(build_app(st), host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=a.grace_period + 5, timeout_keep_alive=5)
-    server = DrainingServer(config, lambda: st.loop.drain(a.grace_period))
-    if not install_signals:
-        server.install_signal_handlers = lambda: None
+    server = DrainingServer(config, lambda: st.loop.drain(a.grace_period), install_signals)
     return server, st, thread
 
 
