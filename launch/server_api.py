@@ -222,7 +222,8 @@ def _error_of(reason: str) -> ApiError | None:
 def _usage(finals: dict, n: int) -> dict:
     """Prompt tokens count once per prompt (choice index i*n + j answers prompt i), as OpenAI does."""
     firsts = [d for i, d in finals.items() if i % n == 0]
-    return proto.usage(sum(d.prompt_tokens for d in firsts), sum(d.completion_tokens for d in finals.values()),
+    completion = sum(d.completion_tokens for d in finals.values())
+    return proto.usage(sum(d.prompt_tokens for d in firsts), completion,
                        sum(d.cached_tokens for d in firsts))
 
 
@@ -289,9 +290,11 @@ async def _stream(aq, choices, rids, meta, chat, n, include_usage, loop: EngineL
                 delta = {"content": d.text}
                 if d.index not in started:
                     delta = {"role": "assistant", **delta}
-                choice = {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason}
+                choice = {"index": d.index, "delta": delta, "logprobs": None,
+                          "finish_reason": d.finish_reason}
             else:
-                choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
+                choice = {"index": d.index, "text": d.text, "logprobs": None,
+                          "finish_reason": d.finish_reason}
             started.add(d.index)
             if d.finish_reason is not None:
                 finals[d.index] = d

@@ -33,7 +33,8 @@ class ServerMetrics:
                              registry=r).labels(**lbl)
         self.waiting = Gauge("stagger_num_requests_waiting", "Requests admitted to a rank, not yet running",
                              list(lbl), registry=r).labels(**lbl)
-        self.buffered = Gauge("stagger_num_requests_buffered", "Requests held by the global scheduler (SBS buffer)",
+        self.buffered = Gauge("stagger_num_requests_buffered",
+                              "Requests held by the global scheduler (SBS buffer)",
                               list(lbl), registry=r).labels(**lbl)
         self.kv = Gauge("stagger_kv_cache_usage_perc", "Fraction of a rank's KV blocks in use",
                         list(lbl) + ["rank"], registry=r)
@@ -43,7 +44,8 @@ class ServerMetrics:
                                      registry=r).labels(**lbl)
         self.generation_tokens = Counter("stagger_generation_tokens", "Generated tokens", list(lbl),
                                          registry=r).labels(**lbl)
-        self.prefix_hits = Counter("stagger_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache",
+        self.prefix_hits = Counter("stagger_prefix_cache_hit_tokens",
+                                   "Prompt tokens served by the prefix cache",
                                    list(lbl), registry=r).labels(**lbl)
         self.finished = Counter("stagger_request_success", "Finished requests by finish reason",
                                 list(lbl) + ["finished_reason"], registry=r)

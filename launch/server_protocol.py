@@ -93,7 +93,7 @@ def sampling(body, *, max_tokens_default, chat: bool) -> tuple[SamplingParams, i
     if user is not None and not isinstance(user, str):
         raise bad("'user' must be a string", "user")
     stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+    if not isinstance(stop_ids, list) or not all(type(t) is int for t in stop_ids):
         raise bad("'stop_token_ids' must be a list of integers", "stop_token_ids")
     try:
         params = SamplingParams(
@@ -156,7 +156,8 @@ class ChatTemplate:
 
             def raise_exception(msg):
                 raise bad(f"chat template: {msg}", "messages")
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[loopcontrols])
             env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
             env.globals["raise_exception"] = raise_exception
             self.template = env.from_string(tpl)
