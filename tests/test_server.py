@@ -162,8 +162,11 @@ def test_n_seeds_and_stop_strings(srv, ref):
 
 def test_bad_inputs_get_their_status_and_the_server_keeps_serving(srv, ref, tmp_path):
     url, _ = srv
+
     def post(path, body):
-        return httpx.post(url + path, content=body if isinstance(body, bytes) else json.dumps(body), timeout=30)
+        raw = body if isinstance(body, bytes) else json.dumps(body)
+        return httpx.post(url + path, content=raw, timeout=30)
+
     cases = [
         (b"{not json", 400, None),
         ([1, 2], 400, None),
