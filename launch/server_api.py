@@ -78,6 +78,7 @@ def build_app(st: ServerState) -> FastAPI:
         return JSONResponse(ApiError(500, f"internal error: {e!r}").body(), status_code=500)
 
     async def read_body(request: Request) -> dict:
+        request.state.arrival = time.time()   # metrics count from here, tokenizing included
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
@@ -104,6 +105,7 @@ def build_app(st: ServerState) -> FastAPI:
 
     # ---- generation --------------------------------------------------------------------------------
     async def generate(request, body, prompts: list[list[int]], params, n, chat: bool):
+        arrival = request.state.arrival
         for ids in prompts:
             if len(ids) + params.max_tokens > st.max_model_len:
                 raise bad(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds the "
@@ -118,7 +120,7 @@ def build_app(st: ServerState) -> FastAPI:
         def sink(d):
             ev_loop.call_soon_threadsafe(aq.put_nowait, d)
         end = deadline(body)
-        choices = [Choice(ids, p, sink, index=i * n + j, deadline=end)
+        choices = [Choice(ids, p, sink, index=i * n + j, deadline=end, arrival=arrival)
                    for i, ids in enumerate(prompts) for j, p in enumerate(proto.choice_params(params, n))]
         try:
             rids = await asyncio.wrap_future(st.loop.submit(choices))

@@ -39,6 +39,7 @@ class Choice:
     sink: object                    # callable(Delta), thread-safe (wraps call_soon_threadsafe)
     index: int = 0
     deadline: float | None = None   # absolute time.time(); past it the request is aborted
+    arrival: float | None = None    # when the HTTP request came in (the engine's arrival_time)
     request_id: str = ""
 
 
@@ -244,12 +245,14 @@ class EngineLoop:
             for c in choices:
                 self._ids += 1
                 c.request_id = f"srv-{self._ids}"
-                self.engine.add_request(c.prompt_ids, c.params, request_id=c.request_id, arrival_time=now)
+                c.arrival = c.arrival or now
+                self.engine.add_request(c.prompt_ids, c.params, request_id=c.request_id,
+                                        arrival_time=c.arrival)
                 added.append(c)
         except ValueError as e:
             for c in added:
                 self.engine.abort(c.request_id)
-            msg.adds += [(c.prompt_ids, c.params, c.request_id, now) for c in added]
+            msg.adds += [(c.prompt_ids, c.params, c.request_id, c.arrival) for c in added]
             msg.aborts += [c.request_id for c in added]
             self._unpend(len(choices))
             fut.set_exception(e)
@@ -257,7 +260,7 @@ class EngineLoop:
         for c in choices:
             hold = max((len(s) for s in c.params.stop), default=1) - 1
             self.live[c.request_id] = _Track(c, hold)
-            msg.adds.append((c.prompt_ids, c.params, c.request_id, now))
+            msg.adds.append((c.prompt_ids, c.params, c.request_id, c.arrival))
         fut.set_result([c.request_id for c in choices])
 
     def _abort(self, rid: str, reason: str | None, msg: _Msg) -> None:

@@ -425,3 +425,13 @@ def test_torchrun_two_ranks_and_two_instances_same_texts_and_sigterm_under_load(
             assert "error" in last and last["error"]["code"] == 503 or \
                 last["choices"][0]["finish_reason"] == "length"
     assert any("error" in json.loads(ev[-2]) for ev in results[4:])
+
+
+def test_bench_serving_url_mode_replays_through_the_server(srv, ckpt):
+    """bench/serving.py --url: the workload through HTTP, client-side timings, the same summary."""
+    from bench.serving import main
+    url, _ = srv
+    res = main(["--model", ckpt, "--url", f"http={url}", "--rate", "20", "--duration", "0.5",
+                "--prompt-len", "8", "--output-len", "3", "--max-prompt", "16", "--max-output", "4"])["http"]
+    assert res["completed"] >= 1 and res["failed"] == 0
+    assert res["ttft_mean_s"] > 0 and res["server_ttft_mean_s"] > 0 and res["throughput_tok_s"] > 0
