@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--scheduler", default=None,
                    help="comma-separated names; NAME@TAG runs NAME again under its own label "
-                        "(see --sched-opt); default immediate-rr,immediate-lb,sbs, or none when --url is given")
+                        "(see --sched-opt); default immediate-rr,immediate-lb,sbs, none with --url")
     p.add_argument("--requests", help="JSONL: arrival_s, prompt_len or prompt_token_ids, max_tokens")
     p.add_argument("--trace", help="Azure LLM trace CSV, replayed compressed to --rate")
     p.add_argument("--rate", type=float, default=4.0, help="mean arrival rate, req/s")
@@ -186,6 +186,15 @@ def serve_instances(llm, specs) -> Run:
     return Run([coord.outputs[f"r{k}"] for k in range(len(specs))], coord.steps, t0)
 
 
+def _http_runs(a, specs, results, runs):
+    """--url: the same workload through each HTTP server (rank 0 is the only client)."""
+    from bench.http_client import replay
+    for u in a.url:
+        label, url = u.split("=", 1) if "=" in u.split("://")[0] else (f"http:{u}", u)
+        runs[label] = replay(url, specs, api_key=a.api_key)
+        results[label] = dict(runs[label].summary(), server_ttft_mean_s=runs[label].server_ttft_mean_s)
+
+
 def main(argv=None):
     a = parse_args(argv)
     from engine import LLM
@@ -214,13 +223,14 @@ def main(argv=None):
             results[name], runs[name] = run.summary(), run
         if llm.server is not None:
             llm.server.close()
+    if a.url:
+        if rank0:
+            _http_runs(a, specs, results, runs)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()   # the other ranks wait: one that left early would take the job down
     if not rank0:
         return results
-    for u in a.url:   # the same workload through HTTP servers (only rank 0 is a client)
-        from bench.http_client import replay
-        label, url = u.split("=", 1) if "=" in u.split("://")[0] else (f"http:{u}", u)
-        runs[label] = replay(url, specs, api_key=a.api_key)
-        results[label] = dict(runs[label].summary(), server_ttft_mean_s=runs[label].server_ttft_mean_s)
     print(table(results))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
