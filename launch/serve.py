@@ -174,8 +174,12 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", 0)) != 0:
         _follower_signals(a.grace_period)
         follow(llm)
-        return 0
-    serve(llm, a)
+    else:
+        serve(llm, a)
+    if llm.config.instances > 1:
+        # every instance has had its stop plan from the global scheduler before rank 0 closes it
+        from engine import distributed
+        distributed.barrier()
     if llm.server is not None:
         llm.server.close()
     return 0
