@@ -95,6 +95,7 @@ class EngineLoop:
         self._steps_seen = 0
         self._next_load = 0.0
         self._lock = threading.Lock()
+        self._finished: list[str] = []   # outputs to drop from the engine's registry
 
     # ---- called from the HTTP side (any thread) --------------------------------------------------
     def submit(self, choices: list[Choice]) -> concurrent.futures.Future:
@@ -188,6 +189,7 @@ class EngineLoop:
             if msg.step:
                 changed = eng.step()
                 self.last_step = time.time()
+                self._forget()
                 for out in changed:
                     tr = self.live.get(out.request_id)
                     if tr is not None:
@@ -208,6 +210,7 @@ class EngineLoop:
         eng.step()
         self.last_step = time.time()
         with eng.lock:
+            self._forget()
             for rid, tr in list(self.live.items()):
                 out = eng.outputs.get(rid)
                 if out is not None and (len(out.token_ids) > tr.sent_tokens or out.finished):
@@ -217,6 +220,14 @@ class EngineLoop:
             self._next_load = time.time() + LOAD_EVERY_S
             self.metrics.observe_loads([eng.worker.load()], self._buffered())
         return True
+
+    def _forget(self) -> None:
+        """A server runs for days: drop finished outputs from the registry, one step late (an
+        abort planned in the step that finished a request still finds its output)."""
+        outputs = self.engine.outputs
+        for rid in self._finished:
+            outputs.pop(rid, None)
+        self._finished = []
 
     def _take(self, block: bool) -> list:
         items = []
@@ -298,6 +309,7 @@ class EngineLoop:
                   out.num_cached_tokens)
         if out.finished:
             del self.live[out.request_id]
+            self._finished.append(out.request_id)
             if self.metrics is not None:
                 self.metrics.observe_finished(out, reason)
         self._send(tr, d)
@@ -336,4 +348,6 @@ def follow(llm) -> None:
         if msg.stop:
             return
         if msg.step:
-            eng.step()
+            for out in eng.step():
+                if out.finished:
+                    eng.outputs.pop(out.request_id, None)
