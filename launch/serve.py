@@ -176,11 +176,16 @@ def main(argv=None) -> int:
         follow(llm)
     else:
         serve(llm, a)
-    if llm.config.instances > 1:
-        # every instance has had its stop plan from the global scheduler before rank 0 closes it
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # every rank (every instance: its stop plan) is done before rank 0 closes the global
+        # scheduler; and gloo aborts a process that leaves mid-connection, so all leave together
+        import torch.distributed as dist
         from engine import distributed
         distributed.barrier()
-    if llm.server is not None:
+        if llm.server is not None:
+            llm.server.close()
+        dist.destroy_process_group()
+    elif llm.server is not None:
         llm.server.close()
     return 0
 
