@@ -23,8 +23,9 @@ from scheduler.sim.workload import length_sampler, load_requests, multi_turn, sy
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--scheduler", default="immediate-rr,immediate-lb,sbs",
-                   help="comma-separated names; NAME@TAG runs NAME again under its own label (see --sched-opt)")
+    p.add_argument("--scheduler", default=None,
+                   help="comma-separated names; NAME@TAG runs NAME again under its own label "
+                        "(see --sched-opt); default immediate-rr,immediate-lb,sbs, none with --url")
     p.add_argument("--requests", help="JSONL: arrival_s, prompt_len or prompt_token_ids, max_tokens")
     p.add_argument("--trace", help="Azure LLM trace CSV, replayed compressed to --rate")
     p.add_argument("--rate", type=float, default=4.0, help="mean arrival rate, req/s")
@@ -45,6 +46,11 @@ def parse_args(argv=None):
                    help="scheduler option for the run with that label, e.g. sbs:max_wait_s=0.5 or "
                         "sbs@blind:prefix_aware=false (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--url", action="append", default=[], metavar="[LABEL=]URL",
+                   help="also replay the workload through an OpenAI-compatible server, streaming, with "
+                        "client-side TTFT/TPOT/e2e (bench/http_client.py; repeatable; --model still builds "
+                        "the workload's token ids)")
+    p.add_argument("--api-key", default=None, help="for --url servers")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -180,11 +186,21 @@ def serve_instances(llm, specs) -> Run:
     return Run([coord.outputs[f"r{k}"] for k in range(len(specs))], coord.steps, t0)
 
 
+def _http_runs(a, specs, results, runs):
+    """--url: the same workload through each HTTP server (rank 0 is the only client)."""
+    from bench.http_client import replay
+    for u in a.url:
+        label, url = u.split("=", 1) if "=" in u.split("://")[0] else (f"http:{u}", u)
+        runs[label] = replay(url, specs, api_key=a.api_key)
+        results[label] = dict(runs[label].summary(), server_ttft_mean_s=runs[label].server_ttft_mean_s)
+
+
 def main(argv=None):
     a = parse_args(argv)
     from engine import LLM
     from model.config import load_config
-    names = [n for n in a.scheduler.split(",") if n]
+    sched = a.scheduler if a.scheduler is not None else ("" if a.url else "immediate-rr,immediate-lb,sbs")
+    names = [n for n in sched.split(",") if n]
     engine_opts = {k: _value(v) for k, v in (o.split("=", 1) for o in a.opt)}
     sched_opts = {}
     for o in a.sched_opt:
@@ -207,6 +223,12 @@ def main(argv=None):
             results[name], runs[name] = run.summary(), run
         if llm.server is not None:
             llm.server.close()
+    if a.url:
+        if rank0:
+            _http_runs(a, specs, results, runs)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()   # the other ranks wait: one that left early would take the job down
     if not rank0:
         return results
     print(table(results))

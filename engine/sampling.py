@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     priority: int = 0              # request-level ordering (larger = more urgent)
     session_id: str | None = None  # cache/rank affinity
+    n: int = 1                     # completions per prompt (the server runs n requests)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -32,6 +33,8 @@ class SamplingParams:
             raise ValueError(f"invalid SamplingParams: {why}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            bad(f"n must be an integer >= 1, got {self.n!r}")
         if self.temperature < 0:
             bad(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -1,0 +1,353 @@
+"""The server's step loop: the engine runs on its own thread, never on the HTTP event loop.
+
+Why a thread and two thread-safe queues (and not a second process over ZMQ, as SGLang does): the
+engine's heavy work (torch forwards, gloo collectives) releases the GIL, so a thread next to the
+event loop costs little, and nothing has to be serialized between the HTTP side and the engine:
+a request crosses as a Python object through a `queue.Queue` (the inbox, drained at each step
+boundary), and each output delta comes back through `loop.call_soon_threadsafe` into the
+request's asyncio queue. Tokenizing, chat templates and JSON stay on the HTTP side (in worker
+threads), so the engine thread only adds, aborts, steps and hands out deltas. The cost this adds
+is measured in bench/RESULTS.md ("HTTP server (issue 17)": HTTP vs in-process, same workload).
+
+Under torchrun the leader (global rank 0) takes new requests and aborts off the inbox and
+broadcasts them to every rank of the instance at a step boundary over the control-plane group, so
+all ranks add the same requests in the same order and agree on when to step and when to stop
+(`follow`). With several instances rank 0 adds to the global scheduler directly; the other
+instances' leaders get their work from it as usual.
+"""
+import concurrent.futures
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine import SamplingParams
+
+HEARTBEAT_S = 0.5     # an idle leader still broadcasts this often (collectives have timeouts)
+LOAD_EVERY_S = 0.5    # how often rank loads (KV use, running, waiting) are gathered for /metrics
+
+
+class Unavailable(Exception):
+    """The server is draining or full: the HTTP side answers 503."""
+
+
+@dataclass
+class Choice:
+    """One engine request (an HTTP request with n > 1 or several prompts has several)."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: object                    # callable(Delta), thread-safe (wraps call_soon_threadsafe)
+    index: int = 0
+    deadline: float | None = None   # absolute time.time(); past it the request is aborted
+    arrival: float | None = None    # when the HTTP request came in (the engine's arrival_time)
+    request_id: str = ""
+
+
+@dataclass
+class Delta:
+    """What changed for one choice since the last delta."""
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None   # stop | length | abort | timeout | shutdown | error: ...
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class _Track:
+    choice: Choice
+    holdback: int                 # characters kept back while a stop string could still match
+    sent_tokens: int = 0
+    sent_text: int = 0
+    first_seen: bool = False
+    reason: str | None = None     # our own reason for an abort (timeout, shutdown)
+
+
+@dataclass
+class _Msg:
+    """Broadcast to every rank of the instance at a step boundary (plain data only)."""
+    adds: list = field(default_factory=list)     # (prompt_ids, params, request_id, arrival_time)
+    aborts: list = field(default_factory=list)
+    step: bool = False
+    stop: bool = False
+    gather_loads: bool = False
+
+
+class EngineLoop:
+    """Runs on global rank 0 (`run`, on its own thread); the other ranks call `follow`."""
+
+    def __init__(self, llm, metrics=None, *, max_pending: int | None = None):
+        self.llm, self.engine, self.metrics = llm, llm.engine, metrics
+        self.several = llm.config.instances > 1
+        self.inbox: queue.Queue = queue.Queue()
+        self.live: dict[str, _Track] = {}
+        self.max_pending = max_pending
+        self.pending = 0               # requests accepted that have no token yet (HTTP side reads it)
+        self.ready = threading.Event()
+        self.draining = False
+        self.drain_deadline: float | None = None
+        self._stop = threading.Event()
+        self.last_step = time.time()   # /health: when the loop last advanced
+        self.error: BaseException | None = None
+        self._ids = 0
+        self._steps_seen = 0
+        self._next_load = 0.0
+        self._lock = threading.Lock()
+        self._finished: list[str] = []   # outputs to drop from the engine's registry
+
+    # ---- called from the HTTP side (any thread) --------------------------------------------------
+    def submit(self, choices: list[Choice]) -> concurrent.futures.Future:
+        """All choices start, or none (the future then holds the ValueError / Unavailable)."""
+        fut = concurrent.futures.Future()
+        with self._lock:
+            if self.draining or self._stop.is_set():
+                fut.set_exception(Unavailable("the server is shutting down"))
+                return fut
+            if self.max_pending is not None and self.pending + len(choices) > self.max_pending:
+                fut.set_exception(Unavailable(f"{self.pending} requests already wait (--max-pending "
+                                              f"{self.max_pending}); retry later"))
+                return fut
+            self.pending += len(choices)
+        self.inbox.put(("submit", choices, fut))
+        return fut
+
+    def abort(self, request_ids) -> None:
+        self.inbox.put(("abort", list(request_ids), None))
+
+    def drain(self, grace_s: float) -> None:
+        """Stop taking requests; running ones get `grace_s` seconds, then they are aborted."""
+        with self._lock:
+            self.draining = True
+            self.drain_deadline = time.time() + grace_s
+        self.inbox.put(("wake", None, None))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(("wake", None, None))
+
+    def healthy(self, stall_s: float) -> tuple[bool, str]:
+        if self.error is not None:
+            return False, f"step loop failed: {self.error!r}"
+        if not self.ready.is_set():
+            return False, "starting"
+        if self.draining or self._stop.is_set():
+            return False, "draining"
+        if self.live and time.time() - self.last_step > stall_s:
+            return False, f"no step for {time.time() - self.last_step:.1f} s with work waiting"
+        return True, "ok"
+
+    # ---- rank 0's loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.ready.set()
+            self._run()
+        except BaseException as e:   # surfaced by /health and by the main thread
+            import traceback
+            traceback.print_exc()
+            self.error = e
+            for tr in list(self.live.values()):
+                self._send(tr, Delta(tr.choice.index, "", [], finish_reason=f"error: {e!r}"))
+            self.live.clear()
+
+    def _run(self) -> None:
+        eng = self.engine
+        group = eng.group
+        while True:
+            busy = bool(self.live) or (not self.several and eng.has_unfinished())
+            items = self._take(block=not busy and not self.several)
+            msg = _Msg()
+            for kind, payload, fut in items:
+                if kind == "submit":
+                    self._add(payload, fut, msg)
+                elif kind == "abort":
+                    for rid in payload:
+                        self._abort(rid, None, msg)
+            now = time.time()
+            for rid, tr in list(self.live.items()):
+                if tr.choice.deadline is not None and now > tr.choice.deadline:
+                    self._abort(rid, "timeout", msg)
+                elif (self.draining and now > self.drain_deadline) or self._stop.is_set():
+                    self._abort(rid, "shutdown", msg)
+            msg.stop = self._stop.is_set() and not self.live
+            if self.several:
+                if not self._step_several(msg.stop):
+                    return
+                continue
+            msg.step = eng.has_unfinished() and not msg.stop
+            msg.gather_loads = now >= self._next_load
+            if group.world_size > 1:
+                group.broadcast(msg)
+            if msg.gather_loads:
+                self._next_load = now + LOAD_EVERY_S
+                loads = group.gather(eng.worker.load())
+                if self.metrics is not None:
+                    self.metrics.observe_loads(loads, self._buffered())
+            if msg.stop:
+                return
+            if msg.step:
+                changed = eng.step()
+                self.last_step = time.time()
+                self._forget()
+                for out in changed:
+                    tr = self.live.get(out.request_id)
+                    if tr is not None:
+                        self._deliver(tr, out)
+                self._observe_steps()
+            else:
+                self.last_step = time.time()
+
+    def _step_several(self, stop: bool) -> bool:
+        """Several instances: instance 0 steps in lockstep like the others; outputs of every
+        instance land in the global coordinator, so live requests are read from it."""
+        eng = self.engine
+        if stop:
+            with eng.lock:
+                eng.coordinator.closed = True
+        if eng.stopped:
+            return False
+        eng.step()
+        self.last_step = time.time()
+        with eng.lock:
+            self._forget()
+            for rid, tr in list(self.live.items()):
+                out = eng.outputs.get(rid)
+                if out is not None and (len(out.token_ids) > tr.sent_tokens or out.finished):
+                    self._deliver(tr, out)
+            self._observe_steps()
+        if time.time() >= self._next_load and self.metrics is not None:
+            self._next_load = time.time() + LOAD_EVERY_S
+            self.metrics.observe_loads([eng.worker.load()], self._buffered())
+        return True
+
+    def _forget(self) -> None:
+        """A server runs for days: drop finished outputs from the registry, one step late (an
+        abort planned in the step that finished a request still finds its output)."""
+        outputs = self.engine.outputs
+        for rid in self._finished:
+            outputs.pop(rid, None)
+        self._finished = []
+
+    def _take(self, block: bool) -> list:
+        items = []
+        if block:
+            try:
+                items.append(self.inbox.get(timeout=HEARTBEAT_S))
+            except queue.Empty:
+                return items
+        while True:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _add(self, choices: list[Choice], fut, msg: _Msg) -> None:
+        if not fut.set_running_or_notify_cancel():   # the client left before it was taken
+            self._unpend(len(choices))
+            return
+        if self.draining or self._stop.is_set():
+            self._unpend(len(choices))
+            fut.set_exception(Unavailable("the server is shutting down"))
+            return
+        added = []
+        now = time.time()
+        try:
+            for c in choices:
+                self._ids += 1
+                c.request_id = f"srv-{self._ids}"
+                c.arrival = c.arrival or now
+                self.engine.add_request(c.prompt_ids, c.params, request_id=c.request_id,
+                                        arrival_time=c.arrival)
+                added.append(c)
+        except ValueError as e:
+            for c in added:
+                self.engine.abort(c.request_id)
+            msg.adds += [(c.prompt_ids, c.params, c.request_id, c.arrival) for c in added]
+            msg.aborts += [c.request_id for c in added]
+            self._unpend(len(choices))
+            fut.set_exception(e)
+            return
+        for c in choices:
+            hold = max((len(s) for s in c.params.stop), default=1) - 1
+            self.live[c.request_id] = _Track(c, hold)
+            msg.adds.append((c.prompt_ids, c.params, c.request_id, c.arrival))
+        fut.set_result([c.request_id for c in choices])
+
+    def _abort(self, rid: str, reason: str | None, msg: _Msg) -> None:
+        tr = self.live.get(rid)
+        if tr is None or tr.reason is not None:
+            return   # finished already, or its abort is on the way (abort is idempotent)
+        tr.reason = reason or "abort"
+        self.engine.abort(rid)
+        msg.aborts.append(rid)
+
+    def _unpend(self, n: int) -> None:
+        with self._lock:
+            self.pending -= n
+
+    def _buffered(self) -> int:
+        """Requests the global scheduler still holds (not released to a rank yet)."""
+        outs = self.engine.outputs
+        return sum(1 for rid in list(self.live) if (o := outs.get(rid)) is not None
+                   and o.metrics is not None and o.metrics.release_time is None)
+
+    def _deliver(self, tr: _Track, out) -> None:
+        toks = out.token_ids[tr.sent_tokens:]
+        tr.sent_tokens = len(out.token_ids)
+        text = out.text or ""
+        end = len(text) if out.finished else max(tr.sent_text, len(text) - tr.holdback)
+        delta = text[tr.sent_text:end]
+        tr.sent_text = end
+        if (toks or out.finished) and not tr.first_seen:
+            tr.first_seen = True
+            self._unpend(1)
+        reason = out.finish_reason
+        if reason == "abort" and tr.reason is not None:
+            reason = tr.reason
+        d = Delta(tr.choice.index, delta, toks, reason, len(out.prompt_token_ids), len(out.token_ids),
+                  out.num_cached_tokens)
+        if out.finished:
+            del self.live[out.request_id]
+            self._finished.append(out.request_id)
+            if self.metrics is not None:
+                self.metrics.observe_finished(out, reason)
+        self._send(tr, d)
+
+    def _send(self, tr: _Track, d: Delta) -> None:
+        try:
+            tr.choice.sink(d)
+        except RuntimeError:   # the client's event loop is gone (server shutting down)
+            pass
+
+    def _observe_steps(self) -> None:
+        steps = self.engine.steps
+        if self.metrics is not None:
+            for rec in steps[self._steps_seen:]:
+                self.metrics.observe_step(rec)
+        self._steps_seen = len(steps)
+
+
+def follow(llm) -> None:
+    """A rank other than global rank 0: apply what the leader broadcasts, step when it steps,
+    stop when it stops. With several instances, step until the global scheduler says stop."""
+    eng = llm.engine
+    if llm.config.instances > 1:
+        while not eng.stopped:
+            eng.step()
+        return
+    group = eng.group
+    while True:
+        msg: _Msg = group.broadcast(None)
+        for ids, params, rid, arrival in msg.adds:
+            eng.add_request(ids, params, request_id=rid, arrival_time=arrival)
+        for rid in msg.aborts:
+            eng.abort(rid)
+        if msg.gather_loads:
+            group.gather(eng.worker.load())
+        if msg.stop:
+            return
+        if msg.step:
+            for out in eng.step():
+                if out.finished:
+                    eng.outputs.pop(out.request_id, None)
