@@ -136,7 +136,8 @@ def main(argv=None):
         from bench.peer_vllm import VllmPeer
         peer = VllmPeer(model_dir, a.peer_python, enforce_eager=a.peer_eager, threads=a.threads,
                         max_num_seqs=opts["max_num_seqs"], max_num_batched_tokens=opts["max_num_batched_tokens"])
-        print(f"vllm {peer.info['vllm']} (torch {peer.info['torch']}, {peer.info['threads']} threads, "
+        print(f"vllm {peer.info['vllm']} (torch {peer.info['torch']}, "
+              f"{f'{a.threads} thread(s)' if a.threads else 'its default threads'}, "
               f"{'eager' if a.peer_eager else 'compiled'}), start-up {peer.info['startup_s']:.0f} s")
     ours = Stagger(model_dir, **opts)
     hf = _hf_model(model_dir)

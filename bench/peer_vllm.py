@@ -44,7 +44,8 @@ class VllmPeer:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"   # by default it keeps one core free
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         self.log_path = os.path.join(tempfile.mkdtemp(prefix="vllm_peer_"), "stderr.log")
         self._log = None if verbose else open(self.log_path, "w")
         self.proc = subprocess.Popen([peer_python(python), os.path.abspath(__file__)], stdin=subprocess.PIPE,
@@ -158,8 +159,7 @@ def _child() -> None:
                 warm = [TokensPrompt(prompt_token_ids=[2, 3, 4, 5, 6, 7, 8, 9])]
                 llm.generate(warm, _params(SamplingParams, 2, 0.0, 1.0), use_tqdm=False)
                 import vllm
-                reply = {"startup_s": time.perf_counter() - t, "vllm": vllm.__version__, "torch": torch.__version__,
-                         "threads": torch.get_num_threads()}
+                reply = {"startup_s": time.perf_counter() - t, "vllm": vllm.__version__, "torch": torch.__version__}
             elif cmd["op"] == "generate":
                 prompts = [TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]]
                 params = [_params(SamplingParams, cmd["max_tokens"], cmd["temperature"], cmd["top_p"],
