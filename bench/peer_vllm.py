@@ -183,3 +183,25 @@ def _child() -> None:
 
 if __name__ == "__main__":
     _child()
+
+
+def replay(model: str, specs, python: str | None = None, *, max_num_seqs: int = 64,
+           max_num_batched_tokens: int = 2048, threads: int | None = None):
+    """bench/serving.py's workload through vLLM in real time -> (summary dict, its Run), both shaped
+    like the engine's, so TTFT/TPOT/throughput stand in the same table (project side)."""
+    from bench.serving import Run
+    from engine.outputs import RequestMetrics, RequestOutput
+    plain = [{"arrival_s": s.arrival_s, "prompt_token_ids": list(s.prompt_token_ids), "max_tokens": s.max_tokens}
+             for s in specs]
+    with VllmPeer(model, python, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                  threads=threads) as peer:
+        peer.serve([dict(plain[0], arrival_s=0.0, max_tokens=2)])   # warm-up, untimed
+        rep = peer.serve(plain)
+    outs = []
+    for k, (s, r) in enumerate(zip(plain, rep["requests"])):
+        m = RequestMetrics(arrival_time=r["arrival"], first_token_time=r["times"][0] if r["times"] else None,
+                           token_times=r["times"], finish_time=r["finish"])
+        outs.append(RequestOutput(f"r{k}", None, s["prompt_token_ids"], token_ids=[0] * r["tokens"],
+                                  finish_reason="length" if r["finish"] is not None else None, metrics=m))
+    run = Run(outs, [], rep["t0"])
+    return run.summary(), run

@@ -45,6 +45,8 @@ def parse_args(argv=None):
                    help="scheduler option for the run with that label, e.g. sbs:max_wait_s=0.5 or "
                         "sbs@blind:prefix_aware=false (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer", choices=["vllm"], help="also replay the workload through vLLM's CPU build")
+    p.add_argument("--peer-python", help="vLLM's interpreter (default: $STAGGER_VLLM_PYTHON)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -209,6 +211,10 @@ def main(argv=None):
             llm.server.close()
     if not rank0:
         return results
+    if a.peer == "vllm":   # its offline engine stepping in real time (bench/peer_vllm.py)
+        from bench.peer_vllm import replay
+        results["vllm"], runs["vllm"] = replay(a.model, specs, a.peer_python, **{
+            k: engine_opts[k] for k in ("max_num_seqs", "max_num_batched_tokens") if k in engine_opts})
     print(table(results))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
