@@ -135,14 +135,16 @@ def main(argv=None):
     if a.peer == "vllm":   # started first: its start-up (and compile) happens before anything is timed
         from bench.peer_vllm import VllmPeer
         peer = VllmPeer(model_dir, a.peer_python, enforce_eager=a.peer_eager, threads=a.threads,
-                        max_num_seqs=opts["max_num_seqs"], max_num_batched_tokens=opts["max_num_batched_tokens"])
+                        max_num_seqs=opts["max_num_seqs"],
+                        max_num_batched_tokens=opts["max_num_batched_tokens"])
         print(f"vllm {peer.info['vllm']} (torch {peer.info['torch']}, "
               f"{f'{a.threads} thread(s)' if a.threads else 'its default threads'}, "
               f"{'eager' if a.peer_eager else 'compiled'}), start-up {peer.info['startup_s']:.0f} s")
     ours = Stagger(model_dir, **opts)
     hf = _hf_model(model_dir)
     mode = "greedy" if a.temperature == 0 else f"temperature {a.temperature}, top_p {a.top_p}"
-    print(f"workload: {a.num_prompts} prompts of {a.min_len}-{a.max_len} tokens, {a.output_len} output tokens "
+    print(f"workload: {a.num_prompts} prompts of {a.min_len}-{a.max_len} tokens, {a.output_len} output tokens"
+          " "
           f"each, {mode}; torch threads {torch.get_num_threads()}")
     sp = dict(temperature=a.temperature, top_p=a.top_p)
     rows = []

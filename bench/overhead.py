@@ -131,7 +131,8 @@ def main(argv=None):
     for n in (int(s) for s in a.seqs.split(",")):
         r = measure(model_dir, n, a.steps, a.prompt_len, a.temperature, a.top_p)
         out[n] = r
-        print(f"{n:5d}{r['host']:8.3f}{r['step_mean']:8.3f}" + "".join(f"{r.get(c, 0.0):15.3f}" for c in COLS),
+        cells = "".join(f"{r.get(c, 0.0):15.3f}" for c in COLS)
+        print(f"{n:5d}{r['host']:8.3f}{r['step_mean']:8.3f}" + cells,
               flush=True)
     return out
 

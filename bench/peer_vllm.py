@@ -159,7 +159,8 @@ def _child() -> None:
                 warm = [TokensPrompt(prompt_token_ids=[2, 3, 4, 5, 6, 7, 8, 9])]
                 llm.generate(warm, _params(SamplingParams, 2, 0.0, 1.0), use_tqdm=False)
                 import vllm
-                reply = {"startup_s": time.perf_counter() - t, "vllm": vllm.__version__, "torch": torch.__version__}
+                reply = {"startup_s": time.perf_counter() - t, "vllm": vllm.__version__,
+                         "torch": torch.__version__}
             elif cmd["op"] == "generate":
                 prompts = [TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]]
                 params = [_params(SamplingParams, cmd["max_tokens"], cmd["temperature"], cmd["top_p"],
@@ -191,8 +192,8 @@ def replay(model: str, specs, python: str | None = None, *, max_num_seqs: int = 
     like the engine's, so TTFT/TPOT/throughput stand in the same table (project side)."""
     from bench.serving import Run
     from engine.outputs import RequestMetrics, RequestOutput
-    plain = [{"arrival_s": s.arrival_s, "prompt_token_ids": list(s.prompt_token_ids), "max_tokens": s.max_tokens}
-             for s in specs]
+    plain = [{"arrival_s": s.arrival_s, "prompt_token_ids": list(s.prompt_token_ids),
+              "max_tokens": s.max_tokens} for s in specs]
     with VllmPeer(model, python, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                   threads=threads) as peer:
         peer.serve([dict(plain[0], arrival_s=0.0, max_tokens=2)])   # warm-up, untimed

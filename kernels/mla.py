@@ -52,7 +52,8 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     if cache is not None and key in cache:
         idx, seq_of, bias = cache[key]
     else:   # the same for every layer of a step: built once
-        counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))], device=dev)
+        counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))],
+                              device=dev)
         seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), counts)
         lens = torch.tensor(seq_lens, device=dev)
         starts = torch.tensor(query_start_loc[:-1], device=dev)
@@ -77,7 +78,8 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     bf16 = q.dtype == kv.dtype == torch.bfloat16
     cdt = torch.bfloat16 if bf16 else torch.float32
     kv = kv.to(cdt)
-    scores = torch.baddbmm(bias.to(cdt).expand(-1, q.shape[1], -1), q.to(cdt), kv.transpose(1, 2), alpha=scale)
+    scores = torch.baddbmm(bias.to(cdt).expand(-1, q.shape[1], -1), q.to(cdt), kv.transpose(1, 2),
+                           alpha=scale)
     # p @ all D columns, then keep the latent ones: cheaper than multiplying by a strided slice
     p = scores.softmax(-1, dtype=torch.float32).to(cdt)
     return torch.matmul(p, kv)[..., :kv_lora_rank].to(q.dtype)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 
 def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                    topk_ids: torch.Tensor, topk_weights: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
+                    topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    grouped: bool | None = None) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
 
     `grouped`: run all experts as one batched GEMM over rows padded to the busiest expert (None:
