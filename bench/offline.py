@@ -106,6 +106,7 @@ def main(argv=None):
     ap.add_argument("--peer", choices=["transformers", "vllm"], default="transformers")
     ap.add_argument("--peer-python", help="vLLM's interpreter (default: $STAGGER_VLLM_PYTHON)")
     ap.add_argument("--peer-eager", action="store_true", help="vLLM with enforce_eager (no inductor compile)")
+    ap.add_argument("--peer-dtype", default="float32", help="vLLM's dtype (float32 | bfloat16)")
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=256)
@@ -135,14 +136,16 @@ def main(argv=None):
     if a.peer == "vllm":   # started first: its start-up (and compile) happens before anything is timed
         from bench.peer_vllm import VllmPeer
         peer = VllmPeer(model_dir, a.peer_python, enforce_eager=a.peer_eager, threads=a.threads,
+                        dtype=a.peer_dtype,
                         max_num_seqs=opts["max_num_seqs"],
                         max_num_batched_tokens=opts["max_num_batched_tokens"])
-        print(f"vllm {peer.info['vllm']} (torch {peer.info['torch']}, "
+        print(f"vllm {peer.info['vllm']} (torch {peer.info['torch']}, {a.peer_dtype}, "
               f"{f'{a.threads} thread(s)' if a.threads else 'its default threads'}, "
               f"{'eager' if a.peer_eager else 'compiled'}), start-up {peer.info['startup_s']:.0f} s")
     ours = Stagger(model_dir, **opts)
     hf = _hf_model(model_dir)
     mode = "greedy" if a.temperature == 0 else f"temperature {a.temperature}, top_p {a.top_p}"
+    mode += f"; stagger dtype {a.dtype}"
     print(f"workload: {a.num_prompts} prompts of {a.min_len}-{a.max_len} tokens, {a.output_len} output tokens"
           " "
           f"each, {mode}; torch threads {torch.get_num_threads()}")

@@ -36,7 +36,7 @@ class VllmPeer:
     """The vLLM side, alive for a whole benchmark invocation (its start-up, and the compile on a
     first start, are paid once and never timed)."""
 
-    def __init__(self, model: str, python: str | None = None, *, enforce_eager: bool = False,
+    def __init__(self, model: str, python: str | None = None, *, enforce_eager: bool = False, dtype="float32",
                  threads: int | None = None, kv_cache_gb: int = 2, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 4096, verbose: bool = False):
         env = dict(os.environ)
@@ -52,6 +52,7 @@ class VllmPeer:
                                      stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
                                      cwd=tempfile.gettempdir())
         self.info = self.call(op="init", model=os.path.abspath(model), enforce_eager=enforce_eager,
+                              dtype=dtype,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
 
     def call(self, **cmd) -> dict:
@@ -152,7 +153,7 @@ def _child() -> None:
                 from vllm import LLM, SamplingParams
                 from vllm.inputs import TokensPrompt
                 t = time.perf_counter()
-                llm = LLM(model=cmd["model"], skip_tokenizer_init=True, dtype="float32",
+                llm = LLM(model=cmd["model"], skip_tokenizer_init=True, dtype=cmd["dtype"],
                           enforce_eager=cmd["enforce_eager"], max_num_seqs=cmd["max_num_seqs"],
                           max_num_batched_tokens=cmd["max_num_batched_tokens"], enable_prefix_caching=False,
                           seed=0)
