@@ -2,7 +2,8 @@
 
     python -m bench.offline [--model DIR | --preset tiny-v3] [--peer transformers|vllm]
                             [--peer-python PATH] [--num-prompts 48] [--min-len 16] [--max-len 256]
-                            [--output-len 64] [--temperature 0 --top-p 1] [--runs 1] [--hf-batch 16]
+                            [--output-len 64] [--modes greedy,sampled] [--temperature 0.7 --top-p 0.9]
+                            [--runs 1] [--threads N] [--dtype auto|bfloat16] [--hf-batch 16]
 
 Peers: transformers' batched `generate` (default, in this process), or vLLM's CPU build in its own
 interpreter (`--peer-python` or STAGGER_VLLM_PYTHON; see bench/peer_vllm.py), started once and kept
@@ -99,6 +100,29 @@ def _spread(xs):
     return f"median {statistics.median(xs):.2f} (range {min(xs):.2f}-{max(xs):.2f})"
 
 
+def _one_run(run, a, vocab, ours, peer, hf, sp) -> dict:
+    """Fresh prompts (seed = run index), both sides on them; the side going first alternates."""
+    prompts = workload(a.num_prompts, a.min_len, a.max_len, vocab, seed=run)
+    sides = {}
+    for side in (("ours", "peer") if run % 2 == 0 else ("peer", "ours")):
+        if side == "ours":
+            sides[side] = ours.generate(prompts, a.output_len, seed=run * 1000, **sp)
+        elif peer is not None:
+            r = peer.generate(prompts, a.output_len, seed=run * 1000, **sp)
+            sides[side] = (r["token_ids"], r["wall_s"])
+        else:
+            sides[side] = hf_generate(hf, prompts, a.output_len, a.hf_batch, **sp)
+    (ot, ow), (pt, pw) = sides["ours"], sides["peer"]
+    agree = agreement(ot, pt, hf_first_tokens(hf, prompts))
+    row = dict(ours=sum(map(len, ot)) / ow, peer=sum(map(len, pt)) / pw, **agree)
+    row["ratio"] = row["ours"] / row["peer"]
+    n = len(prompts)
+    print(f"run {run + 1}: stagger {row['ours']:7.1f} tok/s | {a.peer} {row['peer']:7.1f} tok/s | "
+          f"ratio {row['ratio']:.2f}x | same sequence {agree['same_seq']}/{n} | first token = transformers "
+          f"greedy: stagger {agree['ours_first_ok']}/{n}, {a.peer} {agree['peer_first_ok']}/{n}", flush=True)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -111,8 +135,10 @@ def main(argv=None):
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--modes", default="greedy", help="greedy, sampled or both (comma-separated): each "
+                    "mode runs --runs times against the same peer process")
+    ap.add_argument("--temperature", type=float, default=0.7, help="sampled mode")
+    ap.add_argument("--top-p", type=float, default=0.9, help="sampled mode")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
@@ -121,6 +147,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.runs < 1:
         ap.error("--runs must be >= 1")
+    modes = [m for m in a.modes.split(",") if m]
+    if not modes or any(m not in ("greedy", "sampled") for m in modes):
+        ap.error(f"--modes: greedy and/or sampled, got {a.modes!r}")
     if a.threads:
         torch.set_num_threads(a.threads)
     model_dir = a.model
@@ -144,42 +173,24 @@ def main(argv=None):
               f"{'eager' if a.peer_eager else 'compiled'}), start-up {peer.info['startup_s']:.0f} s")
     ours = Stagger(model_dir, **opts)
     hf = _hf_model(model_dir)
-    mode = "greedy" if a.temperature == 0 else f"temperature {a.temperature}, top_p {a.top_p}"
-    mode += f"; stagger dtype {a.dtype}"
     print(f"workload: {a.num_prompts} prompts of {a.min_len}-{a.max_len} tokens, {a.output_len} output tokens"
-          " "
-          f"each, {mode}; torch threads {torch.get_num_threads()}")
-    sp = dict(temperature=a.temperature, top_p=a.top_p)
-    rows = []
+          f" each; stagger dtype {a.dtype}; torch threads {torch.get_num_threads()}")
+    rows = {}
     try:
-        for run in range(a.runs):
-            prompts = workload(a.num_prompts, a.min_len, a.max_len, vocab, seed=run)
-            sides = {}
-            for side in (("ours", "peer") if run % 2 == 0 else ("peer", "ours")):
-                if side == "ours":
-                    sides[side] = ours.generate(prompts, a.output_len, seed=run * 1000, **sp)
-                elif peer is not None:
-                    r = peer.generate(prompts, a.output_len, seed=run * 1000, **sp)
-                    sides[side] = (r["token_ids"], r["wall_s"])
-                else:
-                    sides[side] = hf_generate(hf, prompts, a.output_len, a.hf_batch, **sp)
-            (ot, ow), (pt, pw) = sides["ours"], sides["peer"]
-            first = hf_first_tokens(hf, prompts)
-            agree = agreement(ot, pt, first)
-            row = dict(ours=sum(map(len, ot)) / ow, peer=sum(map(len, pt)) / pw, **agree)
-            row["ratio"] = row["ours"] / row["peer"]
-            rows.append(row)
-            print(f"run {run + 1}: stagger {row['ours']:7.1f} tok/s | {a.peer} {row['peer']:7.1f} tok/s | "
-                  f"ratio {row['ratio']:.2f}x | same sequence {agree['same_seq']}/{len(prompts)} | "
-                  f"first token = transformers greedy: stagger {agree['ours_first_ok']}/{len(prompts)}, "
-                  f"{a.peer} {agree['peer_first_ok']}/{len(prompts)}", flush=True)
+        for mode in modes:
+            sp = dict(temperature=0.0, top_p=1.0) if mode == "greedy" else \
+                dict(temperature=a.temperature, top_p=a.top_p)
+            print(f"-- {mode}" + ("" if mode == "greedy" else f" (temperature {sp['temperature']}, "
+                                                              f"top_p {sp['top_p']})"))
+            rows[mode] = [_one_run(run, a, vocab, ours, peer, hf, sp) for run in range(a.runs)]
+            if a.runs > 1:
+                rs = rows[mode]
+                print(f"{mode}: stagger tok/s {_spread([r['ours'] for r in rs])}; "
+                      f"{a.peer} tok/s {_spread([r['peer'] for r in rs])}; "
+                      f"ratio stagger/{a.peer} {_spread([r['ratio'] for r in rs])}", flush=True)
     finally:
         if peer is not None:
             peer.close()
-    if a.runs > 1:
-        print(f"stagger tok/s {_spread([r['ours'] for r in rows])}")
-        print(f"{a.peer} tok/s {_spread([r['peer'] for r in rows])}")
-        print(f"ratio stagger/{a.peer}: {_spread([r['ratio'] for r in rows])}")
     return rows
 
 
