@@ -188,7 +188,7 @@ if __name__ == "__main__":
 
 
 def replay(model: str, specs, python: str | None = None, *, max_num_seqs: int = 64,
-           max_num_batched_tokens: int = 2048, threads: int | None = None):
+           max_num_batched_tokens: int = 2048, threads: int | None = None, enforce_eager: bool = False):
     """bench/serving.py's workload through vLLM in real time -> (summary dict, its Run), both shaped
     like the engine's, so TTFT/TPOT/throughput stand in the same table (project side)."""
     from bench.serving import Run
@@ -196,7 +196,7 @@ def replay(model: str, specs, python: str | None = None, *, max_num_seqs: int = 
     plain = [{"arrival_s": s.arrival_s, "prompt_token_ids": list(s.prompt_token_ids),
               "max_tokens": s.max_tokens} for s in specs]
     with VllmPeer(model, python, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                  threads=threads) as peer:
+                  threads=threads, enforce_eager=enforce_eager) as peer:
         peer.serve([dict(plain[0], arrival_s=0.0, max_tokens=2)])   # warm-up, untimed
         rep = peer.serve(plain)
     outs = []
