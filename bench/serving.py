@@ -51,6 +51,8 @@ def parse_args(argv=None):
                         "client-side TTFT/TPOT/e2e (bench/http_client.py; repeatable; --model still builds "
                         "the workload's token ids)")
     p.add_argument("--api-key", default=None, help="for --url servers")
+    p.add_argument("--peer", choices=["vllm"], help="also replay the workload through vLLM's CPU build")
+    p.add_argument("--peer-python", help="vLLM's interpreter (default: $STAGGER_VLLM_PYTHON)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -231,6 +233,10 @@ def main(argv=None):
             dist.barrier()   # the other ranks wait: one that left early would take the job down
     if not rank0:
         return results
+    if a.peer == "vllm":   # its offline engine stepping in real time (bench/peer_vllm.py)
+        from bench.peer_vllm import replay
+        results["vllm"], runs["vllm"] = replay(a.model, specs, a.peer_python, **{
+            k: engine_opts[k] for k in ("max_num_seqs", "max_num_batched_tokens") if k in engine_opts})
     print(table(results))
     if a.out:
         os.makedirs(a.out, exist_ok=True)

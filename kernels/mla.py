@@ -9,6 +9,7 @@ Multi-token queries are causal: query j of a sequence with context length S and 
 position S - L + j and sees keys 0 .. S - L + j.
 """
 import torch
+import torch.nn.functional as F
 
 
 def write_kv_torch(kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
@@ -51,7 +52,8 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     if cache is not None and key in cache:
         idx, seq_of, bias = cache[key]
     else:   # the same for every layer of a step: built once
-        counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))], device=dev)
+        counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))],
+                              device=dev)
         seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), counts)
         lens = torch.tensor(seq_lens, device=dev)
         starts = torch.tensor(query_start_loc[:-1], device=dev)
@@ -66,11 +68,21 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         bias = torch.zeros(T, 1, width * bs, device=dev).masked_fill_(hidden[:, None, :], float("-inf"))
         if cache is not None:
             cache[key] = (idx, seq_of, bias)
-    rows = kv_cache[idx].flatten(1, 2)                           # [B, width*bs, D]
-    kv = (rows if seq_of is None else rows[seq_of]).float()      # [T, S, D]
-    scores = torch.baddbmm(bias.expand(-1, q.shape[1], -1), q.float(), kv.transpose(1, 2), alpha=scale)
+    # one flat row copy per block (index_select is a plain memcpy per row; 2-D advanced indexing
+    # of the 3-D cache is several times slower on CPU)
+    B, width = idx.shape
+    rows = kv_cache.index_select(0, idx.flatten()).view(B, width * kv_cache.shape[1], -1)   # [B, S, D]
+    kv = rows if seq_of is None else rows[seq_of]                # [T, S, D]
+    # fp32 math, except a bf16 query over a bf16 cache: read as is (bf16 GEMMs accumulate in fp32;
+    # a cast would copy the whole padded context again), softmax in fp32
+    bf16 = q.dtype == kv.dtype == torch.bfloat16
+    cdt = torch.bfloat16 if bf16 else torch.float32
+    kv = kv.to(cdt)
+    scores = torch.baddbmm(bias.to(cdt).expand(-1, q.shape[1], -1), q.to(cdt), kv.transpose(1, 2),
+                           alpha=scale)
     # p @ all D columns, then keep the latent ones: cheaper than multiplying by a strided slice
-    return torch.matmul(scores.softmax(-1), kv)[..., :kv_lora_rank].to(q.dtype)
+    p = scores.softmax(-1, dtype=torch.float32).to(cdt)
+    return torch.matmul(p, kv)[..., :kv_lora_rank].to(q.dtype)
 
 
 def prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,6 +93,18 @@ def prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for b in range(len(cu_q) - 1):
         qs = slice(cu_q[b], cu_q[b + 1])
         ks = slice(cu_k[b], cu_k[b + 1])
-        if qs.stop > qs.start:
+        L, S = qs.stop - qs.start, ks.stop - ks.start
+        if L == 0:
+            continue
+        if q.dtype == torch.float16:   # keep the fp32 einsum path for fp16 (CPU fp16 SDPA is slow)
             out[qs] = _causal_attend(q[qs], k[ks], v[ks], scale)
+            continue
+        # fused kernel: no [H, L, S] score tensor, no expanded copies
+        qh, kh, vh = (t.transpose(0, 1)[None] for t in (q[qs], k[ks], v[ks]))
+        if L == S:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        else:   # queries are the last L keys' positions
+            mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        out[qs] = o[0].transpose(0, 1)
     return out

