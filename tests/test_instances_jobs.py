@@ -76,7 +76,7 @@ def test_three_instances_one_killed_then_one_joins(ckpt):
         for i, p in enumerate(PROMPTS):   # even ids stream every token, odd ones only the result
             client.submit(p, params, request_id=f"r{i}", stream=i % 2 == 0)
         finals, streamed, seen_on = defaultdict(list), defaultdict(list), defaultdict(set)
-        killed = False
+        killed, before_kill = False, set()
         deadline = time.time() + 90
         while len(finals) < len(PROMPTS) and time.time() < deadline:
             out = client.next_output(timeout=60)
@@ -85,6 +85,8 @@ def test_three_instances_one_killed_then_one_joins(ckpt):
                 seen_on[out.request_id].add(out.metrics.rank)
             if out.finished:
                 finals[out.request_id].append(out)
+                if not killed:
+                    before_kill.add(out.request_id)
             elif not killed and out.metrics.rank == 1 and out.new_token_ids:
                 inst[1].send_signal(signal.SIGKILL)   # instance 1 vanishes mid-run
                 killed = True
@@ -99,7 +101,8 @@ def test_three_instances_one_killed_then_one_joins(ckpt):
                 assert i % 2 == 0 and 1 in seen_on[f"r{i}"]        # only after a client saw its tokens
             else:
                 assert out.finish_reason == "length" and out.token_ids == ref[i], i
-                assert out.metrics.rank in (0, 2)                  # finished by a survivor
+                if f"r{i}" not in before_kill:                     # (instance 1 may finish one first)
+                    assert out.metrics.rank in (0, 2)              # finished by a survivor
                 if i % 2 == 0:
                     assert streamed[f"r{i}"] == ref[i]             # the stream matches the result
         assert errors                                             # the kill did hit streaming work
