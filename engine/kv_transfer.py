@@ -2,7 +2,7 @@
 
 torch.distributed cannot span two torchrun jobs, so each prefill rank of a job serves its handed-off
 requests' rows on a socket of its own (engine.channel, same deployment secret), and the decode rank
-fetches them by transfer tag. The interface is engine.pd.Transfers' (send/recv/poll at step
+fetches them by transfer tag. The interface and the polling are engine.pd.Transfers' (send/recv/poll at step
 boundaries, callbacks run on the step loop's thread, every transfer with a deadline), so the worker
 and the decode-side rule are unchanged. Rows go as raw bytes with a dtype/shape header, never pickle.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import channel
+from .pd import Transfers
 
 DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)}
 
@@ -35,13 +36,13 @@ def _codec():
     return channel.Codec([KvFetch, KvRows])
 
 
-class SocketTransfers:
+class SocketTransfers(Transfers):
     """A rank's KV transfers to and from other worlds. `serve=True` (prefill ranks) listens on
     $STAGGER_KV_HOST (loopback by default) at a free port: `address` is advertised at registration."""
 
     def __init__(self, secret: bytes, timeout_s: float, serve: bool):
-        self.secret, self.timeout_s, self.codec = secret, timeout_s, _codec()
-        self.pending: list[tuple[threading.Event, list, float, object]] = []
+        super().__init__(timeout_s)
+        self.secret, self.codec = secret, _codec()
         self._ready: dict[int, tuple[KvRows, threading.Event]] = {}   # tag -> rows posted, fetched flag
         self._lock = threading.Lock()
         self.listener = self.address = None
@@ -57,7 +58,7 @@ class SocketTransfers:
         fetched = threading.Event()
         with self._lock:
             self._ready[tag] = (rows, fetched)
-        self.pending.append((fetched, [tensor], time.time() + self.timeout_s, on_done))
+        self._expect(fetched, [tensor], on_done)
 
     def _serve_peer(self, ch):
         def serve():
@@ -105,20 +106,4 @@ class SocketTransfers:
             finally:
                 done.set()
         threading.Thread(target=fetch, daemon=True).start()
-        self.pending.append((done, box, time.time() + self.timeout_s, on_done))
-
-    def poll(self, wait: bool = False) -> None:
-        """Finish what completed (all of it with wait=True); past its deadline, or failed, is an
-        error, never a silent hang."""
-        still = []
-        for done, box, deadline, on_done in self.pending:
-            if done.wait(max(0.0, deadline - time.time()) if wait else 0):
-                if isinstance(box[0], Exception):
-                    raise RuntimeError(f"KV transfer failed: {box[0]}")
-                on_done(box[0])
-            elif time.time() > deadline:
-                raise RuntimeError(f"KV transfer did not complete within {self.timeout_s} s: "
-                                   "the peer is gone")
-            else:
-                still.append((done, box, deadline, on_done))
-        self.pending = still
+        self._expect(done, box, on_done)

@@ -36,7 +36,11 @@ class Transfers:
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self.pending: list[tuple[threading.Event, torch.Tensor, float, object]] = []
+        # (done flag, [result: the tensor, or the exception that ended the transfer], deadline, on_done)
+        self.pending: list[tuple[threading.Event, list, float, object]] = []
+
+    def _expect(self, done: threading.Event, box: list, on_done) -> None:
+        self.pending.append((done, box, time.time() + self.timeout_s, on_done))
 
     def _track(self, work, tensor, on_done):
         done = threading.Event()
@@ -47,7 +51,7 @@ class Transfers:
             finally:
                 done.set()
         threading.Thread(target=waiter, daemon=True).start()
-        self.pending.append((done, tensor, time.time() + self.timeout_s, on_done))
+        self._expect(done, [tensor], on_done)
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int, on_done) -> None:
         tensor = tensor.contiguous()
@@ -58,15 +62,17 @@ class Transfers:
         self._track(dist.irecv(buf, src=src, tag=tag), buf, on_done)
 
     def poll(self, wait: bool = False) -> None:
-        """Finish whatever has completed (all of it with wait=True); a transfer past its deadline
-        is an error, never a silent hang."""
+        """Finish whatever has completed (all of it with wait=True); a transfer that failed or is
+        past its deadline is an error, never a silent hang."""
         still = []
-        for done, t, deadline, on_done in self.pending:
+        for done, box, deadline, on_done in self.pending:
             if done.wait(max(0.0, deadline - time.time()) if wait else 0):
-                on_done(t)
+                if isinstance(box[0], Exception):
+                    raise RuntimeError(f"KV transfer failed: {box[0]}")
+                on_done(box[0])
             elif time.time() > deadline:
-                raise RuntimeError(f"KV transfer did not complete within {self.timeout_s} s: the peer rank "
+                raise RuntimeError(f"KV transfer did not complete within {self.timeout_s} s: the peer "
                                    "is gone or stuck")
             else:
-                still.append((done, t, deadline, on_done))
+                still.append((done, box, deadline, on_done))
         self.pending = still
