@@ -1,7 +1,9 @@
 """OpenAI/vLLM wire format: request fields -> engine choices, chat templates, response bodies.
 
 Unknown request fields are accepted and ignored (clients send many); known ones are type-checked
-here so that a bad value is a 400 naming its field before any work starts.
+here so that a bad value is a 400 naming its field before any work starts. Known OpenAI fields this
+engine does not implement (logprobs, echo, penalties, ...) are a 400 unless they hold their no-op
+value: ignoring them would hand the client a silently different answer.
 """
 import json
 import os
@@ -79,8 +81,24 @@ def parse_prompts(body) -> list:
     raise bad("'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt")
 
 
+# fields of the OpenAI API the engine does not implement, with the values that ask for nothing
+# (absent and null always do)
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
+               "logit_bias": ({},), "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,),
+               "repetition_penalty": (1,), "tools": ([],), "response_format": ({"type": "text"},),
+               "guided_json": (), "guided_regex": (), "guided_choice": ()}
+
+
+def refuse_unsupported(body) -> None:
+    for key, noop in UNSUPPORTED.items():
+        v = body.get(key)
+        if v is not None and not any(v == x and isinstance(v, bool) == isinstance(x, bool) for x in noop):
+            raise bad(f"'{key}' is not supported by this server (got {json.dumps(v)})", key)
+
+
 def sampling(body, *, max_tokens_default, chat: bool) -> tuple[SamplingParams, int]:
     """-> (params for the first choice, n). Ranges follow vLLM; SamplingParams checks the rest."""
+    refuse_unsupported(body)
     keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = None
     for k in keys:

@@ -181,6 +181,11 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(srv, ref, tmp_
         ({"prompt": [10 ** 9]}, 400, "prompt"),
         ({"prompt": list(range(3, 3000))}, 400, "max_tokens"),
         ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+        # OpenAI fields the engine does not implement: refused, never silently ignored
+        ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+        ({"prompt": "hi", "echo": True}, 400, "echo"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"prompt": "hi", "best_of": 2}, 400, "best_of"),
     ]
     for body, status, param in cases:
         r = post("/v1/completions", body)
@@ -188,7 +193,8 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(srv, ref, tmp_
         err = r.json()["error"]
         assert err["message"] and err["type"] and err["param"] == param, (body, err)
     chats = (({"messages": "hi"}, "messages"), ({"messages": [{"content": "x"}]}, "messages"),
-             ({"messages": [{"role": "user", "content": "x"}], "stream_options": 3}, "stream_options"))
+             ({"messages": [{"role": "user", "content": "x"}], "stream_options": 3}, "stream_options"),
+             ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"))
     for body, param in chats:
         r = post("/v1/chat/completions", body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param
