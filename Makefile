@@ -4,6 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := .cache/tiny-v3
+LINT_DIRS := engine scheduler model kernels launch bench tests
 # the committed small DeepSeek-V3 trained on the Python language reference (launch/train_tiny.py)
 MODEL ?= checkpoints/tiny-v3-trained
 
@@ -29,12 +30,14 @@ run: $(STAMP) $(if $(filter $(TINY),$(MODEL)),$(TINY)/config.json)
 	OMP_NUM_THREADS=1 $(VPY) -m torch.distributed.run --nproc-per-node 2 --master-port 29511 \
 		-m launch.demo --model $(MODEL) --check
 
+# lint first (a ruff error fails the target before any test runs), then the whole suite
 test: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VPY) -m pytest -q tests
 
-# ruff (pinned in requirements.txt), 110 columns (pyproject.toml); not yet part of `make test`
+# ruff (pinned in requirements.txt), 110 columns (pyproject.toml); `make test` runs it too
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine scheduler model kernels launch
+	$(VENV)/bin/ruff check $(LINT_DIRS)
 
 clean:
 	rm -rf $(VENV) .cache

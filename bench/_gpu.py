@@ -31,7 +31,6 @@ def measure_copy_gbps(nbytes: int = 2 << 30) -> float:
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src), warmup=5, rep=30)
-    del src, dst
     return 2 * nbytes / ms / 1e6
 
 

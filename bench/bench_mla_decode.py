@@ -88,7 +88,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     scale = (192 ** -0.5)
     widths = (6, 6, 7, 10, 9, 8, 8, 10, 11)
-    print(row(("heads", "batch", "ctx", "triton_ms", "GB/s", "%copy", "TFLOP/s", "torch/tri", "flashinf/tri"), widths))
+    print(row(("heads", "batch", "ctx", "triton_ms", "GB/s", "%copy", "TFLOP/s", "torch/tri", "flashinf/tri"),
+              widths))
     fi_note = None
     for h, b, s, _ in shapes(args):
         torch.cuda.empty_cache()
@@ -117,7 +118,7 @@ def main(argv=None):
             fi_note = why
         print(row((h, b, s, f"{ms:.3f}", f"{gbps:.0f}", f"{100 * gbps / peaks['copy_gbps']:.0f}%",
                    f"{flops / ms / 1e9:.1f}", torch_ratio, fi_ratio), widths))
-        del kv, table, q
+        kv = table = q = None   # free this shape's tensors (the lambdas above close over these names)
     if fi_note:
         print(f"# flashinfer: {fi_note}")
 

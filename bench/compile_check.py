@@ -162,7 +162,8 @@ def main(argv=None):
     only = [s for s in args.only.split(",") if s]
     target = GPUTarget("cuda", args.arch, 32)
     print(f"# triton {triton.__version__}, target sm_{args.arch}")
-    header = ("case", "kernel", "warps", "stages", "regs", "spill", "smem", "wgmma", "mma.sync", "cp.async", "tma")
+    header = ("case", "kernel", "warps", "stages", "regs", "spill", "smem", "wgmma", "mma.sync", "cp.async",
+              "tma")
     print("  ".join(f"{h:>10}" if i > 1 else f"{h:<24}" for i, h in enumerate(header)))
     failures = 0
     for name, thunk in cases():

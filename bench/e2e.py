@@ -36,9 +36,10 @@ def copy_gbps(device) -> float:
 def decode_bytes(cfg, batch: int, context: int, elem: int) -> float:
     """Bytes one decode step reads: weights touched plus the KV cache of every sequence."""
     h, H = cfg.hidden_size, cfg.num_attention_heads
-    q = h * H * cfg.qk_head_dim if cfg.q_lora_rank is None else h * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
-    attn = q + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) \
-        + H * cfg.v_head_dim * h
+    q = (h * H * cfg.qk_head_dim if cfg.q_lora_rank is None
+         else h * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim)
+    attn = q + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
+        + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * h
     expert = 3 * h * cfg.moe_intermediate_size
     total = cfg.vocab_size * h * 2   # embedding rows are few; lm_head is read whole
     for i in range(cfg.num_hidden_layers):
@@ -104,7 +105,8 @@ def main(argv=None):
     for s in specs:
         s.prompt_token_ids = [rng.randrange(2, cfg.vocab_size) for _ in range(s.prompt_len)]
     run = serve(llm, specs, progress=False).summary()
-    print(f"online Poisson {a.rate} req/s, {len(specs)} requests: TTFT mean {run['ttft_mean_s'] * 1e3:.1f} ms, "
+    print(f"online Poisson {a.rate} req/s, {len(specs)} requests: "
+          f"TTFT mean {run['ttft_mean_s'] * 1e3:.1f} ms, "
           f"P99 {run['ttft_p99_s'] * 1e3:.1f} ms, TPOT {run['tpot_mean_s'] * 1e3:.2f} ms, "
           f"{run['throughput_tok_s']:.1f} tok/s")
     if a.skip_hf:

@@ -48,7 +48,9 @@ def main(argv=None):
         planned = [eplb.imbalance(eplb.rank_loads(eplb.plan(prev, a.ranks, R), cur))
                    for prev, cur in zip(trace, trace[1:])]
         oracle = [eplb.imbalance(eplb.rank_loads(eplb.plan(c, a.ranks, R), c)) for c in trace[1:]]
-        mean = lambda xs: sum(xs) / len(xs)
+
+        def mean(xs):
+            return sum(xs) / len(xs)
         print(f"{'contiguous, ' + str(R) + ' redundant':34s} {mean(base):22.3f}")
         print(f"{'EPLB from last window, ' + str(R) + ' redundant':34s} {mean(planned):22.3f}")
         print(f"{'EPLB oracle (same window), ' + str(R) + ' red.':34s} {mean(oracle):22.3f}")

@@ -6,8 +6,9 @@ Runs the engine (one process, CPU or whatever device it picks) over a sweep of b
 k requests of prompt length L, for a grid of (k, L), each run to completion, once with all k added
 at once and once staggered (one new request every --stagger steps). That gives prefill steps (chunks
 of up to --max-num-batched-tokens tokens over growing cached context), decode steps of k sequences
-over context ~L, and mixed steps (a prefill beside running decodes, as in online serving). Every step's wall time (around engine.step()) is
-recorded with what the rank computed, measured the way the simulator's RankWork does it:
+over context ~L, and mixed steps (a prefill beside running decodes, as in online serving). Every
+step's wall time (around engine.step()) is recorded with what the rank computed, measured the way
+the simulator's RankWork does it:
 tokens, seqs and attention context in query-key pairs (scheduler.allocation.attention_pairs).
 Then t = c0 + c_tok*tokens + c_ctx*context + c_seq*seqs is fitted by least squares on a random
 80 % of the steps, scored on the other 20 % (R^2, mean absolute % error), refitted on all steps
@@ -111,7 +112,8 @@ def measure(llm, shapes, max_tokens: int, seed: int = 0, log=None) -> list[dict]
                 dt = time.perf_counter() - t0
                 if last:
                     records.append({"time_s": dt, "tokens": sum(n for _, n in last), "seqs": len(last),
-                                    "context": sum(attention_pairs(n, c) for c, n in last), "shape": [k, L, stagger]})
+                                    "context": sum(attention_pairs(n, c) for c, n in last),
+                                    "shape": [k, L, stagger]})
             if log:
                 log(f"k={k:3d} L={L:5d} stagger={stagger}: {len(records)} steps so far")
     finally:
@@ -146,7 +148,10 @@ def main(argv=None):
     import torch
     torch.set_num_threads(a.threads)
     from engine import LLM, SamplingParams
-    log = lambda m: print(m, file=sys.stderr, flush=True)
+
+    def log(m):
+        print(m, file=sys.stderr, flush=True)
+
     llm = LLM(a.model, scheduler="immediate-rr", enable_prefix_caching=False,
               max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs)
     llm.generate([[5] * 32] * 2, SamplingParams(max_tokens=4, ignore_eos=True))   # warm-up
@@ -162,7 +167,8 @@ def main(argv=None):
           + ", ".join(f"{k}={v:.4g}" for k, v in coef.items()))
     print(f"held-out ({held['steps']} steps): R^2={held['r2']:.3f}  mean |err|={100 * held['mape']:.1f} %")
     print(f"all steps ({full['steps']}):      R^2={full['r2']:.3f}  mean |err|={100 * full['mape']:.1f} %")
-    write(a.out, coef, {"model": a.model, "device": str(llm.engine.worker.runner.device), "threads": a.threads, "ranks": 1,
+    write(a.out, coef, {"model": a.model, "device": str(llm.engine.worker.runner.device),
+                        "threads": a.threads, "ranks": 1,
                         "max_num_batched_tokens": a.max_num_batched_tokens, "heldout": held, "all": full,
                         "shapes": shapes, "max_tokens": a.max_tokens})
     if a.records:

@@ -24,8 +24,8 @@ import time
 from scheduler.ordering import make_order, rank_order
 from scheduler.sim import SimConfig, Simulator, length_sampler, make_cost_model, multi_turn, synthetic
 
-RUNS = ("immediate-rr:fcfs,immediate-rr:sjf,immediate-lb:fcfs,immediate-gimbal:fcfs,immediate-gimbal:sjf-blind,"
-        "immediate-gimbal:sjf,sbs:fcfs,sbs:sjf,sbs:sjf-global")
+RUNS = ("immediate-rr:fcfs,immediate-rr:sjf,immediate-lb:fcfs,immediate-gimbal:fcfs,"
+        "immediate-gimbal:sjf-blind,immediate-gimbal:sjf,sbs:fcfs,sbs:sjf,sbs:sjf-global")
 
 
 def parse_args(argv=None):
@@ -40,9 +40,11 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=float, default=256)
     p.add_argument("--max-prompt", type=int, default=16384)
     p.add_argument("--cost-model", default="h200-v3")
-    p.add_argument("--runs", default=RUNS, help="DISPATCH[@TAG]:ORDER,... (order: fcfs | sjf | sjf-blind | sjf-global)")
+    p.add_argument("--runs", default=RUNS,
+                   help="DISPATCH[@TAG]:ORDER,... (order: fcfs | sjf | sjf-blind | sjf-global)")
     p.add_argument("--opt", action="append", default=[], metavar="DISPATCH[@TAG]:KEY=VALUE",
-                   help="scheduler option for the runs with that label, e.g. immediate-gimbal@gap:sticky_gap_tokens=16000")
+                   help="scheduler option for the runs with that label, "
+                        "e.g. immediate-gimbal@gap:sticky_gap_tokens=16000")
     p.add_argument("--sjf-aging", type=float, default=1000.0, help="token-equivalents per second waited")
     p.add_argument("--sjf-decode-weight", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
@@ -69,8 +71,9 @@ def run(a, specs, dispatch, order_name, opts=None):
     cfg = SimConfig(ranks=a.dp, enable_prefix_caching=True, scheduler_options=dict(opts or {}))
     if dispatch == "sbs":
         cfg.scheduler_options.setdefault("prefix_aware", True)
-        cfg.scheduler_options["order"] = (make_order("sjf", aging_rate=a.sjf_aging, decode_weight=a.sjf_decode_weight)
-                                          .as_key() if order_name == "sjf-global" else "fcfs")
+        cfg.scheduler_options["order"] = (
+            make_order("sjf", aging_rate=a.sjf_aging, decode_weight=a.sjf_decode_weight).as_key()
+            if order_name == "sjf-global" else "fcfs")
     if order_name != "fcfs":   # rank queues in SJF order; cache-aware unless blind
         blind = {"cached": None} if order_name == "sjf-blind" else {}
         cfg.rank_order = lambda bm: rank_order("sjf", bm, aging_rate=a.sjf_aging,
@@ -97,13 +100,15 @@ COLS = [("ttft_mean_s", "TTFT mean ms", 1e3), ("ttft_p50_s", "P50 ms", 1e3), ("t
 
 
 def table(results, base):
-    head = f"{'dispatch:order':28s}" + "".join(f"{h:>13s}" for _, h, _ in COLS) + f"{'dTTFT':>9s}{'dP99':>9s}{'dTPOT':>9s}"
+    head = (f"{'dispatch:order':28s}" + "".join(f"{h:>13s}" for _, h, _ in COLS)
+            + f"{'dTTFT':>9s}{'dP99':>9s}{'dTPOT':>9s}")
     lines = [head, "-" * len(head)]
     b = results.get(base)
     for name, r in results.items():
         row = f"{name:28s}" + "".join(f"{r[k] * s:13.1f}" for k, _, s in COLS)
         if b:
-            row += "".join(f"{100 * (r[k] / b[k] - 1):+8.1f}%" for k in ("ttft_mean_s", "ttft_p99_s", "tpot_mean_s"))
+            row += "".join(f"{100 * (r[k] / b[k] - 1):+8.1f}%"
+                           for k in ("ttft_mean_s", "ttft_p99_s", "tpot_mean_s"))
         lines.append(row)
     return "\n".join(lines)
 

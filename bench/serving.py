@@ -41,7 +41,8 @@ def parse_args(argv=None):
                         "message of --prompt-len tokens (mean); 0: independent prompts")
     p.add_argument("--prefixes", type=int, default=4, help="multi-turn: shared system prompts")
     p.add_argument("--prefix-len", type=int, default=256, help="multi-turn: system prompt tokens")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="engine option (repeatable)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine option (repeatable)")
     p.add_argument("--sched-opt", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="scheduler option for the run with that label, e.g. sbs:max_wait_s=0.5 or "
                         "sbs@blind:prefix_aware=false (repeatable)")
@@ -107,8 +108,12 @@ class Run:
         last = max(o.metrics.finish_time for o in done)
         tokens = sum(len(o.token_ids) for o in done)
         prompt = sum(len(o.prompt_token_ids) for o in done)
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-        return {"ttft_mean_s": mean(ttft), "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else float("nan")
+
+        return {"ttft_mean_s": mean(ttft), "ttft_p50_s": percentile(ttft, 50),
+                "ttft_p99_s": percentile(ttft, 99),
                 "tpot_mean_s": mean(tpot), "e2e_mean_s": mean([o.metrics.e2e for o in done]),
                 "held_mean_s": mean(held), "throughput_tok_s": tokens / (last - first),
                 "prompt_tok_s": prompt / (last - first),
@@ -145,9 +150,10 @@ def serve(llm, specs, progress=True) -> Run:
             break
         for k in new:
             s = specs[k]
-            ids.append(eng.add_request(s.prompt_token_ids, SamplingParams(temperature=0, max_tokens=s.max_tokens,
-                                       ignore_eos=True, priority=s.priority, session_id=s.session_id),
-                                       request_id=f"r{k}", arrival_time=t0 + s.arrival_s))
+            sp = SamplingParams(temperature=0, max_tokens=s.max_tokens, ignore_eos=True,
+                                priority=s.priority, session_id=s.session_id)
+            ids.append(eng.add_request(s.prompt_token_ids, sp, request_id=f"r{k}",
+                                       arrival_time=t0 + s.arrival_s))
         changed = eng.step()
         if bar is not None:
             n = sum(1 for o in changed if o.finished)
@@ -216,7 +222,8 @@ def main(argv=None):
               f"{os.environ.get('WORLD_SIZE', '1')} rank(s)", file=sys.stderr)
     results, runs = {}, {}
     for name in names:
-        llm = LLM(a.model, scheduler=name.split("@")[0], scheduler_options=sched_opts.get(name, {}), **engine_opts)
+        llm = LLM(a.model, scheduler=name.split("@")[0], scheduler_options=sched_opts.get(name, {}),
+                  **engine_opts)
         llm.generate([specs[0].prompt_token_ids[:8]] * 2, None)   # warm-up outside the clock
         if llm.coordinator is not None:
             llm.coordinator.steps.clear()

@@ -19,13 +19,15 @@ def report(path: str) -> str:
     cfg = doc.get("config", {})
     sweep = doc.get("sweep") or {n: [r] for n, r in doc["schedulers"].items()}
     names = list(sweep)
-    lines = [f"### {os.path.basename(os.path.normpath(path))}: mode {cfg.get('mode')}, {cfg.get('instances')} x "
-             f"{cfg.get('dp')} ranks, {cfg.get('cost_model')}, chunk budget {cfg.get('max_num_batched_tokens')}", ""]
+    lines = [f"### {os.path.basename(os.path.normpath(path))}: mode {cfg.get('mode')}, "
+             f"{cfg.get('instances')} x {cfg.get('dp')} ranks, {cfg.get('cost_model')}, "
+             f"chunk budget {cfg.get('max_num_batched_tokens')}", ""]
     head = "| rate (req/s) | " + " | ".join(f"{n} TTFT mean / P99 (ms)" for n in names)
     lines += [head + " | sbs vs rr: mean / P99 | util rr / sbs |", "|" + "---|" * (len(names) + 3)]
     rows = {n: {r["rate"]: r for r in sweep[n]} for n in names}
     for rate in sorted(rows[names[0]]):
-        cells = [f"{rows[n][rate]['ttft_mean_s'] * 1e3:.0f} / {rows[n][rate]['ttft_p99_s'] * 1e3:.0f}" for n in names]
+        cells = [f"{rows[n][rate]['ttft_mean_s'] * 1e3:.0f} / {rows[n][rate]['ttft_p99_s'] * 1e3:.0f}"
+                 for n in names]
         extra = ""
         if "sbs" in rows and "immediate-rr" in rows:
             s, r = rows["sbs"][rate], rows["immediate-rr"][rate]
@@ -38,7 +40,8 @@ def report(path: str) -> str:
             t = res[n]["throughput_tok_s"]
             parts.append(f"{n} {'-' if t is None else f'{t:.0f}'}{'+' if res[n]['capped'] else ''}")
         line = f"\nOutput tok/s at which mean TTFT reaches {slo} s: " + ", ".join(parts)
-        rr, sbs = res.get("immediate-rr", {}).get("throughput_tok_s"), res.get("sbs", {}).get("throughput_tok_s")
+        rr = res.get("immediate-rr", {}).get("throughput_tok_s")
+        sbs = res.get("sbs", {}).get("throughput_tok_s")
         if rr and sbs:
             line += f" (sbs vs rr {pct(sbs, rr)})"
         lines.append(line)

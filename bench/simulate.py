@@ -1,7 +1,9 @@
 """Cluster-scale simulation of the global schedulers on a DeepSeek-V3 deployment.
 
-  python -m bench.simulate --dp 8 --instances 4 --mode pd --schedulers immediate-rr,immediate-lb,sbs,adp-balance \
-      --trace /work/shared/traces/azure_llm_2023_conv.csv --rate 250 --duration 60 --cost-model h200-v3 --out bench/out/sim
+  python -m bench.simulate --dp 8 --instances 4 --mode pd \
+      --schedulers immediate-rr,immediate-lb,sbs,adp-balance \
+      --trace /work/shared/traces/azure_llm_2023_conv.csv --rate 250 --duration 60 \
+      --cost-model h200-v3 --out bench/out/sim
 
 Runs every scheduler on the same workload with the real scheduler/ code (scheduler/sim), prints a
 side-by-side table, writes results.json ({"schedulers": {NAME: {ttft_mean_s, ...}}}) and PNG plots
@@ -20,9 +22,10 @@ from scheduler.ordering import rank_order
 from scheduler.sim.simulator import Simulator
 
 COLUMNS = [("ttft_mean_s", "TTFT mean", 1e3), ("ttft_p50_s", "P50", 1e3), ("ttft_p99_s", "P99", 1e3),
-           ("tpot_mean_s", "TPOT", 1e3), ("throughput_tok_s", "out tok/s", 1), ("prompt_tok_s", "in tok/s", 1),
-           ("utilization", "util", 1), ("step_utilization", "step util", 1), ("imbalance_mean", "imbal", 1), ("imbalance_weighted", "imbal(w)", 1), ("idle_fraction", "idle", 1),
-           ("prefix_hit", "prefix hit", 1), ("completed", "done", 1)]
+           ("tpot_mean_s", "TPOT", 1e3), ("throughput_tok_s", "out tok/s", 1),
+           ("prompt_tok_s", "in tok/s", 1), ("utilization", "util", 1), ("step_utilization", "step util", 1),
+           ("imbalance_mean", "imbal", 1), ("imbalance_weighted", "imbal(w)", 1),
+           ("idle_fraction", "idle", 1), ("prefix_hit", "prefix hit", 1), ("completed", "done", 1)]
 
 
 def parse_args(argv=None):
@@ -39,9 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=float, default=None,
                    help="seconds of arrivals (synthetic default 60; --trace default: the whole trace)")
     p.add_argument("--arrival", choices=["poisson", "bursty"], default="bursty")
-    p.add_argument("--cv", type=float, default=3.0, help="bursty: coefficient of variation of inter-arrival times")
+    p.add_argument("--cv", type=float, default=3.0,
+                   help="bursty: coefficient of variation of inter-arrival times")
     p.add_argument("--lengths", choices=["trace", "lognormal", "fixed"], default="lognormal",
-                   help="synthetic arrivals: length distribution (trace: (prompt, output) pairs drawn from --length-trace)")
+                   help="synthetic arrivals: length distribution "
+                        "(trace: (prompt, output) pairs drawn from --length-trace)")
     p.add_argument("--length-trace", default="/work/shared/traces/azure_llm_2023_conv.csv")
     p.add_argument("--prompt-len", type=float, default=1024)
     p.add_argument("--output-len", type=float, default=256,

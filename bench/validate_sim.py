@@ -15,7 +15,7 @@ import random
 import sys
 
 from bench.fit_cost import predict
-from bench.serving import Run, serve
+from bench.serving import serve
 from scheduler.allocation import attention_pairs
 from scheduler.sim import SimConfig, make_cost_model, synthetic
 from scheduler.sim.simulator import Simulator
@@ -47,14 +47,16 @@ def run_real(model, name, specs, opts):
     sched.schedule = spy
     llm.coordinator.steps.clear()
     run = serve(llm, specs, progress=False)
-    steps = [{"tokens": sum(n for _, n in s), "seqs": len(s), "context": sum(attention_pairs(n, c) for c, n in s),
-              "time_s": r.step_time_s} for s, r in zip(shapes, llm.coordinator.steps) if s]
+    steps = [{"tokens": sum(n for _, n in s), "seqs": len(s),
+              "context": sum(attention_pairs(n, c) for c, n in s), "time_s": r.step_time_s}
+             for s, r in zip(shapes, llm.coordinator.steps) if s]
     return llm, run.summary(), steps
 
 
 def run_sim(cost, name, specs, llm, opts):
     cfg = SimConfig(instances=1, ranks=1, max_num_seqs=opts["max_num_seqs"],
-                    max_num_batched_tokens=opts["max_num_batched_tokens"], block_size=llm.config.kv_block_size,
+                    max_num_batched_tokens=opts["max_num_batched_tokens"],
+                    block_size=llm.config.kv_block_size,
                     kv_blocks=llm.engine.worker.scheduler.block_manager.num_blocks,
                     max_model_len=llm.engine.worker.scheduler.max_model_len, enable_prefix_caching=False)
     return Simulator(cfg, name, lambda n: make_cost_model(f"fitted:{cost}", n), specs).run().summary()

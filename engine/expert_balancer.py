@@ -71,7 +71,7 @@ class ExpertBalancer:
         send13, send2, send_counts, recv_counts, incoming = [], [], [], [], []
         for d in range(self.world):
             theirs = set(old.slots[d])
-            n_send = n_recv = 0
+            n_send = 0
             for s, e in enumerate(new.slots[d]):
                 if e in theirs:
                     continue

@@ -8,8 +8,8 @@ quantized per token per 1 x 128 group at run time).
 Pipeline (no host synchronization anywhere, so it can be captured in a CUDA graph):
 1. align (a dozen small torch ops): the T*k (token, choice) pairs are sorted by expert and each
    expert's list is padded to a multiple of BLOCK_M with a sentinel, so every BLOCK_M row block
-   belongs to one expert. The buffer is sized for the worst case (T*k + min(E, T*k) * (BLOCK_M - 1)); blocks past
-   the real end exit at once. Empty experts get no block; -1 choices are never listed.
+   belongs to one expert. The buffer is sized for the worst case (T*k + min(E, T*k) * (BLOCK_M - 1));
+   blocks past the real end exit at once. Empty experts get no block; -1 choices are never listed.
 2. gate/up grouped GEMM: per (row block, I tile) it gathers the block's token rows of x and runs
    two K loops' worth of dots in one (gate and up tiles of the same expert), then applies
    SiLU(gate) * up in fp32 in the epilogue, so the 2I-wide pre-activation never touches memory.

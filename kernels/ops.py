@@ -78,7 +78,8 @@ def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lo
         from .mla_decode_triton import mla_decode_triton
         return mla_decode_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank,
                                  cache=cache)
-    return mla.mla_decode_torch(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank, cache)
+    return mla.mla_decode_torch(q, kv_cache, block_table, seq_lens, query_start_loc, scale, kv_lora_rank,
+                                cache)
 
 
 def prefill_attention(q, k, v, cu_q, cu_k, scale, backend="torch"):

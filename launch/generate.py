@@ -39,7 +39,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     prompts = read_prompts(a)
     llm = LLM(a.model, scheduler=a.scheduler)
-    params = SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens, ignore_eos=a.ignore_eos, seed=0)
+    params = SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens, ignore_eos=a.ignore_eos,
+                            seed=0)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t0
@@ -48,7 +49,8 @@ def main(argv=None):
     for o in outs:
         if a.json:
             print(json.dumps({"request_id": o.request_id, "token_ids": o.token_ids, "text": o.text,
-                              "finish_reason": o.finish_reason, "ttft_s": o.metrics.ttft if o.metrics else None,
+                              "finish_reason": o.finish_reason,
+                              "ttft_s": o.metrics.ttft if o.metrics else None,
                               "rank": o.metrics.rank if o.metrics else None}))
         else:
             ttft = f"{o.metrics.ttft * 1e3:.1f} ms" if o.metrics and o.metrics.ttft is not None else "-"

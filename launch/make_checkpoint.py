@@ -24,8 +24,9 @@ _YARN_V3 = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddin
 PRESETS = {
     "tiny-v3": dict(model_type="deepseek_v3", vocab_size=512, hidden_size=64, intermediate_size=128,
                     moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8,
-                    n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-                    kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                    n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                    first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16,
+                    qk_rope_head_dim=16, v_head_dim=16,
                     routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=2048,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "tiny-v2": dict(model_type="deepseek_v2", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -33,12 +34,14 @@ PRESETS = {
                     n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32,
                     q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
                     topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
-                    max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+                    max_position_embeddings=2048,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     # big enough on CPU that step time grows with the tokens in the batch (serving benchmarks)
     "small-v3": dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=512, intermediate_size=1024,
-                     moe_intermediate_size=256, num_hidden_layers=4, num_attention_heads=8, n_routed_experts=16,
-                     n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
-                     kv_lora_rank=128, q_lora_rank=192, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                     moe_intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+                     n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+                     first_k_dense_replace=1, kv_lora_rank=128, q_lora_rank=192, qk_nope_head_dim=32,
+                     qk_rope_head_dim=32, v_head_dim=32,
                      routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=8192,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     # real MLA width (kv_lora 512 + rope 64 = 576, what vLLM's CPU MLA backend accepts); noaux_tc makes
@@ -52,21 +55,24 @@ PRESETS = {
                    max_position_embeddings=8192, topk_method="noaux_tc", scoring_func="sigmoid",
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64,
-                    n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
+                    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+                    kv_lora_rank=512,
                     q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
                     max_position_embeddings=163840,
                     rope_parameters=dict(_YARN_V3, mscale=0.707, mscale_all_dim=0.707)),
     "moonlight": dict(model_type="deepseek_v3", vocab_size=163840, hidden_size=2048, intermediate_size=11264,
-                      moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64,
-                      n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1,
-                      kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                      moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                      n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+                      first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+                      qk_rope_head_dim=64, v_head_dim=128,
                       routed_scaling_factor=2.446, norm_topk_prob=True, max_position_embeddings=8192,
                       rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
     "v3": dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-               moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, n_routed_experts=256,
-               n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, first_k_dense_replace=3,
+               moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+               n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+               first_k_dense_replace=3,
                kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=163840,
                rope_parameters=_YARN_V3),
@@ -125,7 +131,8 @@ def write_checkpoint(out: str, raw: dict, *, seed: int = 0, dtype=torch.float32,
         json.dump({"metadata": total, "weight_map": index}, f, indent=1)
     raw.setdefault("architectures", ["DeepseekV3ForCausalLM" if cfg.model_type == "deepseek_v3"
                                      else "DeepseekV2ForCausalLM"])
-    raw.setdefault("torch_dtype", {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float32"))
+    raw.setdefault("torch_dtype",
+                   {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float32"))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(raw, f, indent=1)
 
@@ -178,7 +185,8 @@ def write_tokenizer(out: str, kind: str, vocab_size: int, corpus: str = DEFAULT_
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
         tok.train([corpus], trainer)
         tok.save(os.path.join(out, "tokenizer.json"))
     write_tokenizer_config(out, model_max_length, hf_fast=kind != "sentencepiece")

@@ -125,7 +125,8 @@ def _require(raw: dict, name: str, kind=int, allow_none=False):
 def parse_config(raw: dict) -> ModelConfig:
     mt = raw.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"config.json: model_type {mt!r} is not supported (expected one of {SUPPORTED_MODEL_TYPES})")
+        raise ConfigError(f"config.json: model_type {mt!r} is not supported "
+                          f"(expected one of {SUPPORTED_MODEL_TYPES})")
     v3 = mt == "deepseek_v3"
     n_routed = _require(raw, "n_routed_experts", allow_none=True) or 0
     eos = raw.get("eos_token_id")
@@ -187,21 +188,24 @@ def validate(c: ModelConfig) -> None:
         bad("qk_rope_head_dim", f"must be even for rotary pairs, got {c.qk_rope_head_dim}")
     if c.n_routed_experts:
         if not 0 < c.num_experts_per_tok <= c.n_routed_experts:
-            bad("num_experts_per_tok", f"must be in 1..n_routed_experts={c.n_routed_experts}, got {c.num_experts_per_tok}")
+            bad("num_experts_per_tok",
+                f"must be in 1..n_routed_experts={c.n_routed_experts}, got {c.num_experts_per_tok}")
         if c.n_routed_experts % c.n_group:
             bad("n_group", f"must divide n_routed_experts={c.n_routed_experts}, got {c.n_group}")
         if not 0 < c.topk_group <= c.n_group:
             bad("topk_group", f"must be in 1..n_group={c.n_group}, got {c.topk_group}")
         per_group = c.n_routed_experts // c.n_group
         if c.topk_group * per_group < c.num_experts_per_tok:
-            bad("topk_group", f"{c.topk_group} groups of {per_group} experts cannot supply num_experts_per_tok={c.num_experts_per_tok}")
+            bad("topk_group", f"{c.topk_group} groups of {per_group} experts cannot supply "
+                              f"num_experts_per_tok={c.num_experts_per_tok}")
         if c.model_type == "deepseek_v3" and c.n_group > 1 and per_group < 2:
             bad("n_group", "V3 group scoring sums each group's top-2 experts: need >= 2 experts per group")
         methods = ("noaux_tc",) if c.model_type == "deepseek_v3" else ("greedy", "group_limited_greedy")
         if c.topk_method not in methods:
             bad("topk_method", f"{c.topk_method!r} is not supported for {c.model_type} (expected {methods})")
     if c.first_k_dense_replace > c.num_hidden_layers:
-        bad("first_k_dense_replace", f"{c.first_k_dense_replace} exceeds num_hidden_layers={c.num_hidden_layers}")
+        bad("first_k_dense_replace",
+            f"{c.first_k_dense_replace} exceeds num_hidden_layers={c.num_hidden_layers}")
 
 
 def load_config(model_dir: str) -> ModelConfig:

@@ -128,7 +128,8 @@ class Rotary(KeepFp32, nn.Module):
         if inv.device != positions.device:
             inv = inv.to(positions.device)
         freqs = positions[:, None].float() * inv
-        out = ((freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype))
+        out = ((freqs.cos() * self.attention_factor).to(dtype),
+               (freqs.sin() * self.attention_factor).to(dtype))
         if cache is not None:
             cache[key] = out
         return out
@@ -267,8 +268,8 @@ class Gate(KeepFp32, nn.Module):
         self.cfg = cfg
         self.weight = _param(cfg.n_routed_experts, cfg.hidden_size)
         if cfg.model_type == "deepseek_v3":
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
-                                                        requires_grad=False)
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(cfg.n_routed_experts, dtype=torch.float32), requires_grad=False)
         self.backend = "torch"
 
     def forward(self, x):
@@ -355,7 +356,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int, local_experts: list[int]):
         super().__init__()
         self.self_attn = MLA(cfg)
-        self.mlp = MoE(cfg, local_experts) if cfg.is_moe_layer(idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (MoE(cfg, local_experts) if cfg.is_moe_layer(idx)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -372,7 +374,8 @@ class DecoderLayer(nn.Module):
 class DeepseekModel(nn.Module):
     def __init__(self, cfg: ModelConfig, local_experts: list[int]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, local_experts) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -414,4 +417,4 @@ class DeepseekForCausalLM(nn.Module):
         return F.linear(hidden, w) if w is not None else self.lm_head(hidden)
 
     def moe_layers(self) -> list[MoE]:
-        return [l.mlp for l in self.model.layers if isinstance(l.mlp, MoE)]
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]

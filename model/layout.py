@@ -6,7 +6,8 @@ import re
 
 from .config import ModelConfig
 
-EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\."
+                       r"(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 # Tensors that stay in high precision in DeepSeek's FP8 checkpoints.

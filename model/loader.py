@@ -119,7 +119,8 @@ def load_weights(model: DeepseekForCausalLM, model_dir: str, keep_fp8: bool = Fa
             missing.append(f"experts.{e}.{p}.weight of MoE layer {moe_i}")
         moe.experts.__dict__.pop("_loaded", None)
     if missing:
-        raise CheckpointError(f"checkpoint {model_dir!r} is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        raise CheckpointError(f"checkpoint {model_dir!r} is missing {len(missing)} tensor(s), "
+                              f"e.g. {missing[:3]}")
 
 
 def _make_fp8_slots(experts, block: int) -> None:
@@ -128,9 +129,14 @@ def _make_fp8_slots(experts, block: int) -> None:
         return
     n, two_i, h = experts.w13.shape
     dev = experts.w13.device
-    sc = lambda r, c: torch.ones(n, -(-r // block), -(-c // block), dtype=torch.float32, device=dev)
-    experts.w13 = torch.nn.Parameter(torch.empty(n, two_i, h, dtype=FP8, device=dev), requires_grad=False)
-    experts.w2 = torch.nn.Parameter(torch.empty(n, h, two_i // 2, dtype=FP8, device=dev), requires_grad=False)
+
+    def sc(r, c):
+        return torch.ones(n, -(-r // block), -(-c // block), dtype=torch.float32, device=dev)
+
+    experts.w13 = torch.nn.Parameter(torch.empty(n, two_i, h, dtype=FP8, device=dev),
+                                     requires_grad=False)
+    experts.w2 = torch.nn.Parameter(torch.empty(n, h, two_i // 2, dtype=FP8, device=dev),
+                                    requires_grad=False)
     experts.w13_scale, experts.w2_scale = sc(two_i, h), sc(h, two_i // 2)
 
 
@@ -138,7 +144,8 @@ def _block(cfg) -> int:
     if cfg.fp8_block is None:
         raise CheckpointError("checkpoint holds float8 tensors but config.json has no quantization_config")
     if cfg.fp8_block[0] != cfg.fp8_block[1]:
-        raise CheckpointError(f"quantization_config.weight_block_size must be square, got {list(cfg.fp8_block)}")
+        raise CheckpointError("quantization_config.weight_block_size must be square, "
+                              f"got {list(cfg.fp8_block)}")
     return cfg.fp8_block[0]
 
 
@@ -171,7 +178,8 @@ def _load_expert(model, reader, name, match, keep_fp8, loaded):
         return
     experts = model.model.layers[layer].mlp.experts
     if expert >= model.cfg.n_routed_experts:
-        raise CheckpointError(f"tensor {name!r}: expert {expert} >= n_routed_experts={model.cfg.n_routed_experts}")
+        raise CheckpointError(f"tensor {name!r}: expert {expert} "
+                              f">= n_routed_experts={model.cfg.n_routed_experts}")
     slots = [s for s, e in enumerate(experts.slot_experts) if e == expert]
     if not slots:
         return  # held by another rank: never read
@@ -179,15 +187,18 @@ def _load_expert(model, reader, name, match, keep_fp8, loaded):
     t = reader.get(name)
     want = experts.w2.shape[1:] if proj == "down_proj" else (inter, experts.w13.shape[2])
     _check_shape(name, t.shape, want)
-    rows = slice(None) if proj == "down_proj" else (slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter))
+    rows = (slice(None) if proj == "down_proj"
+            else slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter))
     if t.dtype == FP8:
         scale, block = _scale_of(reader, name), _block(model.cfg)
         # FP8-resident experts (for the w8a8 fused MoE): gate and up scales stack along rows
         # only when the intermediate size is a whole number of blocks
         if keep_fp8 and block == 128 and inter % block == 0:
             _make_fp8_slots(experts, block)
-            w, ws = (experts.w2, experts.w2_scale) if proj == "down_proj" else (experts.w13, experts.w13_scale)
-            srows = slice(rows.start // block if rows.start else None, rows.stop // block if rows.stop else None)
+            w, ws = ((experts.w2, experts.w2_scale) if proj == "down_proj"
+                     else (experts.w13, experts.w13_scale))
+            srows = slice(rows.start // block if rows.start else None,
+                          rows.stop // block if rows.stop else None)
             for slot in slots:
                 w[slot, rows] = t.to(w.device)
                 ws[slot, srows] = scale.to(ws.device)

@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_distributed.py: `torchrun --nproc-per-node 2 tests/dist_worker.py MODE ...`."""
+"""Run under torchrun by tests/test_distributed.py:
+`torchrun --nproc-per-node 2 tests/dist_worker.py MODE ...`."""
 import json
 import os
 import sys
@@ -50,7 +51,8 @@ def a2a(out_prefix):
         T = n_tokens[rank]
         g = torch.Generator().manual_seed(100 * case + rank)
         x = torch.randn(T, H, generator=g)
-        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.int64)
+        ids = (torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T
+               else torch.zeros(0, k, dtype=torch.int64))
         w = torch.rand(T, k, generator=g)
         slots = placement.local_experts(rank)
         seen = []

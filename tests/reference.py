@@ -61,7 +61,8 @@ def dense_meta(seq_lens, prefix_lens=None, block_size=16, mla_path="auto", devic
             pos.append(t)
             slots.append(int(tables[b, t // block_size]) * block_size + t % block_size)
         qsl.append(qsl[-1] + s - p)
-    return AttentionMetadata(positions=torch.tensor(pos, device=device), slot_mapping=torch.tensor(slots, device=device),
+    return AttentionMetadata(positions=torch.tensor(pos, device=device),
+                             slot_mapping=torch.tensor(slots, device=device),
                              block_tables=tables.to(device), seq_lens=list(seq_lens), query_start_loc=qsl,
                              mla_path=mla_path), len(seq_lens) * nb
 

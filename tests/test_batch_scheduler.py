@@ -131,7 +131,8 @@ def test_preempted_request_is_readmitted_before_later_arrivals(order):
     assert s.waiting == [b, c]
     while c.status is RequestStatus.WAITING:
         step(s)
-        assert b.status is not RequestStatus.WAITING or c.status is RequestStatus.WAITING   # c never overtakes b
+        # c never overtakes b
+        assert b.status is not RequestStatus.WAITING or c.status is RequestStatus.WAITING
     run_to_end(s)
     assert all(r.num_output_tokens == r.max_tokens for r in (a, b, c))
 
@@ -211,7 +212,8 @@ def test_conservation_random_workload(seed):
     prefixes = [[rng.randrange(1000) for _ in range(rng.randint(bs, 48))] for _ in range(3)]
     pending = []
     for i in range(30):
-        prompt = (rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randint(1, 30))])[:max_len - 1]
+        prefix = rng.choice(prefixes)
+        prompt = (prefix + [rng.randrange(1000) for _ in range(rng.randint(1, 30))])[:max_len - 1]
         max_tokens = rng.randint(1, min(20, max_len - len(prompt)))
         pending.append(Request(f"r{i}", prompt, max_tokens, priority=rng.randint(0, 3)))
     all_reqs, finished_ids = list(pending), []

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from reference import TINY_V3, make_hf_checkpoint
+from reference import make_hf_checkpoint
 
 HERE = os.path.dirname(__file__)
 
@@ -97,7 +97,8 @@ def test_a_dead_rank_fails_the_job_quickly(tmp_path, ckpt, instances):
     model, _ = ckpt
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": 6, "die_at_step": 3, "options": dict(
-        scheduler="immediate-rr", kv_block_size=16, num_kv_blocks=32, step_timeout_s=30, instances=instances)}))
+        scheduler="immediate-rr", kv_block_size=16, num_kv_blocks=32, step_timeout_s=30,
+        instances=instances)}))
     p, wall = torchrun(["generate", model, str(spec), str(tmp_path / "out")], timeout=120)
     assert p.returncode != 0
     assert wall < 90

@@ -24,7 +24,8 @@ def hf_greedy(hf, prompts, n=10):
 def ckpt(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf = make_hf_checkpoint(d, base=TINY_V3 if request.param == "v3" else TINY_V2)
-    return str(d), {tuple(p): r for p, r in zip(PROMPTS + SHARED + PREEMPT, hf_greedy(hf, PROMPTS + SHARED + PREEMPT))}
+    prompts = PROMPTS + SHARED + PREEMPT
+    return str(d), {tuple(p): r for p, r in zip(prompts, hf_greedy(hf, prompts))}
 
 
 @pytest.mark.parametrize("opts", [
@@ -93,10 +94,13 @@ def tiny(tmp_path_factory):
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
     llm = LLM(tiny)
-    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, max_tokens=12, seed=123, ignore_eos=True)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, max_tokens=12, seed=123,
+                        ignore_eos=True)
     a = llm.generate(["Hello world"], sp)[0].token_ids
-    b = llm.generate(["Hello world", "Another prompt entirely"], [sp, SamplingParams(temperature=1.0, max_tokens=5)])[0].token_ids
-    c = llm.generate(["Hello world"], SamplingParams(temperature=1.0, max_tokens=12, seed=124, ignore_eos=True))[0].token_ids
+    b = llm.generate(["Hello world", "Another prompt entirely"],
+                     [sp, SamplingParams(temperature=1.0, max_tokens=5)])[0].token_ids
+    c = llm.generate(["Hello world"],
+                     SamplingParams(temperature=1.0, max_tokens=12, seed=124, ignore_eos=True))[0].token_ids
     assert a == b
     assert a != c
 
@@ -106,11 +110,13 @@ def test_stop_strings_and_stop_ids(tiny):
     free = llm.generate(["The quick brown"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     assert free.text and len(free.token_ids) == 24
     stop = free.text[len(free.text) // 2:][:2]
-    out = llm.generate(["The quick brown"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    out = llm.generate(["The quick brown"],
+                       SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
     assert out.finish_reason == "stop"
     assert out.text == free.text[: free.text.index(stop)]
     tid = free.token_ids[5]
-    out = llm.generate(["The quick brown"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[tid]))[0]
+    out = llm.generate(["The quick brown"],
+                       SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[tid]))[0]
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: free.token_ids.index(tid) + 1]
 
 

@@ -75,7 +75,8 @@ def test_ops_triton_branches_dispatch():
     args = (q, cache, table, [6, 3], [0, 1, 2], 0.2, 32)
     torch.testing.assert_close(ops.mla_decode(*args, backend="triton"), ops.mla_decode(*args),
                                atol=1e-5, rtol=1e-5)
-    qp, kp, vp = torch.randn(4, 2, 24, generator=g), torch.randn(6, 2, 24, generator=g), torch.randn(6, 2, 16, generator=g)
+    qp, kp, vp = (torch.randn(4, 2, 24, generator=g), torch.randn(6, 2, 24, generator=g),
+                  torch.randn(6, 2, 16, generator=g))
     pargs = (qp, kp, vp, [0, 3, 4], [0, 3, 6], 0.3)
     torch.testing.assert_close(ops.prefill_attention(*pargs, backend="triton"), ops.prefill_attention(*pargs),
                                atol=1e-5, rtol=1e-5)
@@ -103,7 +104,8 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     assert "FAILED" not in r.stdout and r.stdout.count("\n") >= 14, r.stdout
     # the compute-bound kernels must reach Hopper's wgmma (fp8 flavour where the inputs are fp8)
     lines = r.stdout.splitlines()
-    for case, kernel, fp8 in [("fp8_gemm M=4096", "fp8_block_gemm", True), ("moe_fp8 T=4096", "moe_gate_up", True),
+    for case, kernel, fp8 in [("fp8_gemm M=4096", "fp8_block_gemm", True),
+                              ("moe_fp8 T=4096", "moe_gate_up", True),
                               ("moe_bf16 T=4096", "moe_down", False), ("prefill", "prefill", False),
                               ("mla_decode H=128", "stage1", False)]:
         line = next(ln for ln in lines if ln.startswith(case) and kernel in ln)

@@ -1,6 +1,6 @@
 """Fused MoE (Triton) vs kernels/moe.py `fused_moe_torch` (and a w8a8 torch reference for FP8),
 under the interpreter: -1 ids (experts on other ranks), empty experts, an expert with one token,
-a single token, partial FP8 blocks (H = 192, I = 96: gate and up rows share a scale block)."""
+a single token, partial FP8 blocks (H = 192, INTER = 96: gate and up rows share a scale block)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from kernels.fp8 import dequant_block_fp8, per_token_group_quant_fp8_torch, quan
 from kernels.moe import fused_moe_torch
 from kernels.moe_triton import fused_moe_triton, moe_align
 
-T, H, I, E, K = 11, 192, 96, 6, 2
+T, H, INTER, E, K = 11, 192, 96, 6, 2
 
 
 def _routing(t=T, e=E, k=K, seed=0):
@@ -27,8 +27,8 @@ def _routing(t=T, e=E, k=K, seed=0):
 def _dense(dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(dtype)
-    w13 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dtype)
+    w13 = (torch.randn(E, 2 * INTER, H, generator=g) / H ** 0.5).to(dtype)
+    w2 = (torch.randn(E, H, INTER, generator=g) / INTER ** 0.5).to(dtype)
     return x, w13, w2
 
 
@@ -86,7 +86,7 @@ def _moe_w8a8_reference(x, w13q, s13, w2q, s2, ids, weights):
             if e < 0:
                 continue
             gu = xd[t] @ w13d[e].t()
-            h = F.silu(gu[:I]) * gu[I:]
+            h = F.silu(gu[:INTER]) * gu[INTER:]
             out[t] += weights[t, j] * (q(h[None])[0] @ w2d[e].t())
     return out
 
@@ -124,5 +124,5 @@ def test_torch_moe_paths_match_per_token_math(grouped):
             e = int(ids[t, j])
             if e >= 0:
                 h = w13[e] @ x[t]
-                ref[t] += w[t, j] * (w2[e] @ (F.silu(h[:I]) * h[I:]))
+                ref[t] += w[t, j] * (w2[e] @ (F.silu(h[:INTER]) * h[INTER:]))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -70,7 +70,8 @@ def test_no_arrow_up_the_layers_and_no_private_names():
 
 def test_no_import_circle():
     mods, edges = graph()
-    deps = {m: {d for d, _, _ in edges[m] if d in mods and d != m and not m.startswith(d + ".")} for m in mods}
+    deps = {m: {d for d, _, _ in edges[m] if d in mods and d != m and not m.startswith(d + ".")}
+            for m in mods}
     state = {}
 
     def visit(m, path):

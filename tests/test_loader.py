@@ -13,7 +13,7 @@ from launch.make_checkpoint import make_checkpoint, write_checkpoint
 from model.layout import is_fp8_quantized
 from model.loader import CheckpointError, checkpoint_files, load_model
 from model.tokenizer import load_tokenizer
-from reference import TINY_V3, forward_logits, make_hf_checkpoint
+from reference import forward_logits, make_hf_checkpoint
 
 SEQS = [[5, 9, 2, 77, 31, 8, 8, 100, 4, 3, 64], [200, 1, 2]]
 ODD = {"qk_nope_head_dim": 12, "qk_rope_head_dim": 6, "v_head_dim": 10, "kv_lora_rank": 20,
@@ -47,7 +47,8 @@ def test_fp8_checkpoint_matches_reference_from_dequantized_weights(tmp_path):
     write_checkpoint(deq, _raw(src), tensors=roundtrip)
     with safe_open(checkpoint_files(q8)["model.layers.1.self_attn.kv_b_proj.weight"], "pt") as f:
         assert f.get_tensor("model.layers.1.self_attn.kv_b_proj.weight").dtype == torch.float8_e4m3fn
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(deq, attn_implementation="eager").float().eval()
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(deq, attn_implementation="eager")
+    ref_model = ref_model.float().eval()
     with torch.no_grad():
         ref = torch.cat([ref_model(torch.tensor([s])).logits[0] for s in SEQS])
     ours = forward_logits(load_model(q8), SEQS)

@@ -1,9 +1,6 @@
 """The network against transformers' DeepSeek implementations (fp32, CPU)."""
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from model.config import ConfigError, load_config, parse_config
 from model.loader import load_model
@@ -51,16 +48,17 @@ def test_absorbed_and_expanded_paths_agree(tmp_path):
     outs = {}
     for path in ("expanded", "absorbed"):
         # prefill everything but the last 2 tokens, then both paths compute the last 2 against the cache
-        meta, nb = dense_meta([l - 2 if l > 2 else 0 for l in lens])
+        meta, nb = dense_meta([n - 2 if n > 2 else 0 for n in lens])
         caches = new_caches(model, nb * 2)
         ids = torch.tensor([t for s in SEQS for t in s[:-2]])
         with torch.no_grad():
             model(ids, meta, caches)
-            meta2, _ = dense_meta(lens, prefix_lens=[max(l - 2, 0) for l in lens], mla_path=path)
+            meta2, _ = dense_meta(lens, prefix_lens=[max(n - 2, 0) for n in lens], mla_path=path)
             tail = torch.tensor([t for s in SEQS for t in s[-2:]])
             outs[path] = model.compute_logits(model(tail, meta2, caches))
     full = forward_logits(model, SEQS)
-    ends = [i for b, s in enumerate(SEQS) for i in range(sum(lens[:b]) + len(s) - min(2, len(s)), sum(lens[:b + 1]))]
+    ends = [i for b, s in enumerate(SEQS)
+            for i in range(sum(lens[:b]) + len(s) - min(2, len(s)), sum(lens[:b + 1]))]
     assert (outs["absorbed"] - outs["expanded"]).abs().max().item() < 1e-4
     assert (outs["expanded"] - full[ends]).abs().max().item() < 1e-4
 
@@ -68,7 +66,8 @@ def test_absorbed_and_expanded_paths_agree(tmp_path):
 def test_old_rope_scaling_form_equals_rope_parameters():
     new = dict(TINY_V3, rope_parameters=YARN)
     old = dict(TINY_V3, rope_theta=YARN["rope_theta"],
-               rope_scaling={("type" if k == "rope_type" else k): v for k, v in YARN.items() if k != "rope_theta"})
+               rope_scaling={("type" if k == "rope_type" else k): v
+                             for k, v in YARN.items() if k != "rope_theta"})
     a, b = parse_config(new), parse_config(old)
     assert a.rope == b.rope and a.rope.kind == "yarn"
     # mscale_all_dim enters the softmax scale squared
@@ -158,7 +157,8 @@ def test_bf16_greedy_tokens_match_transformers_bf16(tmp_path):
     for p, o in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                              eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+                              eos_token_id=None, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True)
         toks = ref.sequences[0, len(p):].tolist()
         same = next((i for i, (a, b) in enumerate(zip(o.token_ids, toks)) if a != b), len(toks))
         agreed += same

@@ -10,7 +10,8 @@ from scheduler.request import Request
 
 
 def req(i, prompt, max_tokens=8, t=0.0, priority=0, session=None):
-    return Request(f"r{i}", [i + 1] * prompt, max_tokens, arrival_time=t, priority=priority, session_id=session)
+    return Request(f"r{i}", [i + 1] * prompt, max_tokens, arrival_time=t, priority=priority,
+                   session_id=session)
 
 
 def ids(reqs):
@@ -21,8 +22,8 @@ def test_sjf_orders_by_predicted_work_and_plugs_into_batch_scheduler():
     o = make_order("sjf", decode_weight=1.0, aging_rate=0.0)
     rs = [req(0, 300, 10), req(1, 50, 10), req(2, 120, 10), req(3, 50, 400)]
     assert ids(sorted(rs, key=o.as_key())) == ["r1", "r2", "r0", "r3"]   # r3: short prompt, long output
-    bs = BatchScheduler(BlockManager(200, 16), max_num_seqs=8, max_num_batched_tokens=4096, max_model_len=4096,
-                        order=make_order("sjf").as_key())
+    bs = BatchScheduler(BlockManager(200, 16), max_num_seqs=8, max_num_batched_tokens=4096,
+                        max_model_len=4096, order=make_order("sjf").as_key())
     for r in rs[:3]:
         bs.add(r)
     assert ids(r for r, _ in bs.schedule().items) == ["r1", "r2", "r0"]
@@ -135,8 +136,8 @@ def test_wait_bound_below_capacity(seed):
 
 
 def test_priority_aging_bound():
-    # Overloaded stream, priorities in [0, 9], a = 0.5/s: a priority-0 request is never passed by anything arriving
-    # more than 18 s after it, so it starts within U(A_j) + Work(A_j, A_j + 18].
+    # Overloaded stream, priorities in [0, 9], a = 0.5/s: a priority-0 request is never passed by
+    # anything arriving more than 18 s after it, so it starts within U(A_j) + Work(A_j, A_j + 18].
     rng = random.Random(5)
     jobs, t = [], 0.0
     while (t := t + rng.expovariate(1.3)) < 400:
@@ -195,5 +196,6 @@ def test_sjf_counts_only_uncached_prompt_tokens():
     fresh = Request("fresh", [7] * 200, 8, arrival_time=0.0)
     assert hits(turn) == 640 and hits(fresh) == 0
     assert ids(sorted([fresh, turn], key=make_order("sjf", aging_rate=0.0).as_key())) == ["fresh", "turn"]
-    assert ids(sorted([fresh, turn], key=make_order("sjf", aging_rate=0.0, cached=hits).as_key())) == ["turn", "fresh"]
+    key = make_order("sjf", aging_rate=0.0, cached=hits).as_key()
+    assert ids(sorted([fresh, turn], key=key)) == ["turn", "fresh"]
     assert prefix_hits(BlockManager(100, 16, enable_prefix_caching=False))(turn) == 0

@@ -78,7 +78,7 @@ def test_prefix_affinity_prefers_the_rank_that_holds_the_prefix():
     loads = [load(0), load(1, wpt=1500), load(2)]                     # rank 1 busier, but holds the prefix
     assert choose_rank(req(1, prefix=system), loads, state) == 1
     assert choose_rank(req(2), loads, state) == 0                     # unrelated prompt: least loaded
-    loads[1] = load(1, wpt=3000 + 4 * BS + 1)                        # past the bound (hits count in the score)
+    loads[1] = load(1, wpt=3000 + 4 * BS + 1)                        # past the bound (hits count too)
     assert choose_rank(req(1, prefix=system), loads, state) == 0
     assert choose_rank(req(1, prefix=system), [load(0), load(1, wpt=1500)], state,
                        RoutingParams(prefix_affinity=False)) == 0

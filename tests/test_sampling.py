@@ -82,7 +82,8 @@ def _expected(row, sp):
 def test_supports_and_frequencies_follow_the_filtered_distribution():
     row = _logits(1, v=64, seed=11)[0]
     for sp in (SamplingParams(temperature=0.7, top_k=10), SamplingParams(temperature=1.0, top_p=0.8),
-               SamplingParams(temperature=0.7, top_p=0.9, top_k=50), SamplingParams(temperature=1.5, min_p=0.1),
+               SamplingParams(temperature=0.7, top_p=0.9, top_k=50),
+               SamplingParams(temperature=1.5, min_p=0.1),
                SamplingParams(temperature=1.0)):
         want = _expected(row, sp)
         got = torch.bincount(_draws(row, sp), minlength=row.numel()).float() / 6000

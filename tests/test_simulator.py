@@ -1,4 +1,5 @@
-"""The discrete-event simulator: determinism, conservation, cost models, and SBS against immediate dispatch."""
+"""The discrete-event simulator: determinism, conservation, cost models, and SBS against immediate
+dispatch."""
 import json
 import random
 
@@ -49,14 +50,16 @@ def test_conservation(name, mode):
         assert arrival <= release <= first <= finish
     for inst in sim.instances:                                             # nothing left anywhere
         for rank in inst.ranks:
-            assert not rank.sched.has_work and rank.sched.block_manager.num_free_blocks == rank.sched.block_manager.num_blocks
+            bm = rank.sched.block_manager
+            assert not rank.sched.has_work and bm.num_free_blocks == bm.num_blocks
     assert sim.gs.num_pending() == 0
 
 
 def test_rank_order_reaches_every_rank_queue():
     specs = workload(6, rate=80, duration=3)
     keys = []
-    rec, sim = run(specs, "immediate-rr", ranks=2, rank_order=lambda bm: keys.append(bm) or (lambda r: r.num_tokens))
+    rec, sim = run(specs, "immediate-rr", ranks=2,
+                   rank_order=lambda bm: keys.append(bm) or (lambda r: r.num_tokens))
     assert len(keys) == 2 and rec.summary()["completed"] == len(specs)
 
 

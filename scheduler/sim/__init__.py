@@ -1,7 +1,8 @@
 """Discrete-event cluster simulator driving the real scheduler/ code with a step-time cost model."""
 from scheduler.sim.cost import LinearCost, RankWork, RooflineCost, make_cost_model
 from scheduler.sim.simulator import SimConfig, Simulator
-from scheduler.sim.workload import RequestSpec, load_requests, length_sampler, multi_turn, synthetic, trace_workload
+from scheduler.sim.workload import (RequestSpec, load_requests, length_sampler, multi_turn, synthetic,
+                                    trace_workload)
 
 
 def simulate(cfg: SimConfig, scheduler: str, cost_spec: str, specs) -> dict:

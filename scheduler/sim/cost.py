@@ -46,8 +46,9 @@ class LinearCost:
             d = json.load(f)
         d = d.get("coefficients", d)
         try:
-            return cls(float(d["c0"]), float(d["c_tok"]), float(d.get("c_ctx", 0.0)), float(d.get("c_seq", 0.0)))
-        except KeyError as e:
+            return cls(float(d["c0"]), float(d["c_tok"]), float(d.get("c_ctx", 0.0)),
+                       float(d.get("c_seq", 0.0)))
+        except KeyError:
             raise ValueError(f"{path}: cost model JSON needs c0 and c_tok (got keys {sorted(d)})") from None
 
     def local(self, w: RankWork) -> float:
@@ -139,7 +140,8 @@ class RooflineCost:
             self.bw = self.gpu.rdma_bw
             self.fanout = min(4.0, (nodes - 1) * (1 - (1 - 1 / nodes) ** self.TOPK))
         x = (math.log2(max(num_ranks, 8)) - 3) / 5
-        self.latency = 0.0 if num_ranks == 1 else (77e-6 + x * (194e-6 - 77e-6)) + (114e-6 + x * (369e-6 - 114e-6))
+        self.latency = (0.0 if num_ranks == 1
+                        else (77e-6 + x * (194e-6 - 77e-6)) + (114e-6 + x * (369e-6 - 114e-6)))
 
     def kv_blocks(self, block_size: int) -> int:
         """KV blocks of `block_size` tokens that fit in what the weights leave of GPU memory."""
@@ -169,9 +171,10 @@ class RooflineCost:
         experts = self.MOE_LAYERS * max(2 * self.EXPERT * routed / g.gemm_flops,
                                         self.experts_per_rank * hit * self.EXPERT / g.hbm_bw)
         top = max(w.tokens for w in works)
-        comm = self.MOE_LAYERS * (self.latency + top * self.fanout * self.H * 3 / self.bw) if self.n > 1 else 0.0
+        comm = (self.MOE_LAYERS * (self.latency + top * self.fanout * self.H * 3 / self.bw)
+                if self.n > 1 else 0.0)
         t = self.overhead_s + max(max(local) + experts, comm)
-        return t, [l + experts for l in local]
+        return t, [loc + experts for loc in local]
 
 
 def make_cost_model(spec: str, num_ranks: int):
@@ -185,4 +188,5 @@ def make_cost_model(spec: str, num_ranks: int):
         return LinearCost(*vals)
     if spec.endswith("-v3") and spec[:-3] in GPUS:
         return RooflineCost(spec[:-3], num_ranks)
-    raise ValueError(f"unknown cost model {spec!r}: use h800-v3, h100-v3, h200-v3, fitted:FILE or linear:c0,c_tok,...")
+    raise ValueError(f"unknown cost model {spec!r}: "
+                     "use h800-v3, h100-v3, h200-v3, fitted:FILE or linear:c0,c_tok,...")

@@ -6,8 +6,8 @@ and time held before release to a rank. Per step of an instance: tokens per rank
 over sum of per-step mean, i.e. weighted by work), idle-rank fraction (ranks with no token),
 and busy time per rank; utilization = sum of rank busy time / (ranks x span), span running from the
 first arrival to the end of the run; step_utilization = busy time / (ranks x time in steps), i.e.
-one minus the share of stepping time lost to parallelization bubbles. Steps of prefill instances (pd) and of colocated instances are
-the "main" steps; pd decode steps are reported under decode_*.
+one minus the share of stepping time lost to parallelization bubbles. Steps of prefill instances (pd)
+and of colocated instances are the "main" steps; pd decode steps are reported under decode_*.
 """
 
 
@@ -53,7 +53,8 @@ class Recorder:
 
     def done(self, req) -> None:
         self.requests.append((req.arrival_time, req.release_time, req.first_token_time, req.finish_time,
-                              req.num_prompt_tokens, req.num_output_tokens, req.finish_reason, req.request_id))
+                              req.num_prompt_tokens, req.num_output_tokens, req.finish_reason,
+                              req.request_id))
         req.prompt_token_ids, req.output_token_ids = [], []   # the simulator keeps no token ids around
 
     def step(self, inst, start, t, works, busy, generated) -> None:
@@ -95,7 +96,8 @@ class Recorder:
         hold = [r[1] - r[0] for r in ok if r[1] is not None]
         span = max(1e-9, self.end - (self.first_arrival or 0.0))
         out = {
-            "ttft_mean_s": _mean(ttft), "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "ttft_mean_s": _mean(ttft), "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99),
             "tpot_mean_s": _mean(tpot), "e2e_mean_s": _mean(e2e), "hold_mean_s": _mean(hold),
             "throughput_tok_s": self.generated / span, "prompt_tok_s": self.prefilled / span,
             "completed": len(ok), "arrived": self.arrivals, "errors": len(self.requests) - len(ok),
@@ -105,8 +107,10 @@ class Recorder:
             st = self.stats[key]
             if not st.num_ranks:
                 continue
-            out[prefix + "imbalance_mean"] = st.imbalance_sum / st.busy_steps if st.busy_steps else float("nan")
-            out[prefix + "imbalance_weighted"] = st.max_tokens / st.mean_tokens if st.mean_tokens else float("nan")
+            out[prefix + "imbalance_mean"] = (st.imbalance_sum / st.busy_steps if st.busy_steps
+                                              else float("nan"))
+            out[prefix + "imbalance_weighted"] = (st.max_tokens / st.mean_tokens if st.mean_tokens
+                                                  else float("nan"))
             out[prefix + "idle_fraction"] = st.idle_ranks / st.ranks if st.ranks else float("nan")
             out[prefix + "utilization"] = st.busy / (st.num_ranks * span)
             out[prefix + "step_utilization"] = st.busy / st.rank_time if st.rank_time else float("nan")
