@@ -6,6 +6,8 @@ instances (`launch.instance`, each its own torchrun job) register with and clien
 The deployment secret comes from $STAGGER_SECRET_FILE or $STAGGER_SECRET (never the command line).
 Loopback by default; give --listen 0.0.0.0:PORT to serve other hosts. The model folder is read for its
 config and tokenizer only (validation, text prompts): no weights are loaded here.
+The same service runs inside the HTTP server with `python -m launch.serve --scheduler-listen
+HOST:PORT` (make_server is shared).
 """
 import argparse
 import json

@@ -487,6 +487,9 @@ def test_front_end_of_scheduler_service_two_instance_jobs_one_killed(ckpt, ref):
                 assert time.time() < deadline and front.poll() is None, _tail(front)
                 time.sleep(0.1)
         assert r.status_code == 503 and "no instance" in r.text   # nobody to run requests yet
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4, "timeout": 0.3},
+                       timeout=30)   # held in the buffer; its abort finishes without any instance
+        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout", r.text
         for _ in range(2):
             cmd = [sys.executable, "-m", "launch.instance", "--scheduler", addr, "--model", ckpt,
                    "-o", "kv_block_size=16", "-o", "max_num_seqs=2"]
