@@ -561,6 +561,15 @@ def test_front_end_of_scheduler_service_two_instance_jobs_one_killed(ckpt, ref):
         assert "".join(ch.choices[0].text for ch in chunks) == want[0]
         assert httpx.get(url + "/health").status_code == 200
         assert metrics(url)[("stagger_num_instances", ())] == 1
+        # a client that leaves mid-stream aborts its request on the instance
+        with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+                "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
+            n = sum(1 for line, _ in zip(r.iter_lines(), range(3)) if line.startswith("data: "))
+        assert n >= 1
+        deadline = time.time() + 20
+        while metrics(url).get(("stagger_request_success_total", (("finished_reason", "abort"),))) != 1:
+            assert time.time() < deadline, "the disconnect did not abort"
+            time.sleep(0.1)
         # SIGTERM drains the front end, which tells the instance to stop: both exit 0
         assert _stop(front, bound=30) == 0, _tail(front)
         assert procs[1].wait(timeout=30) == 0, _tail(procs[1])
