@@ -103,6 +103,15 @@ class Coordinator:
             self.decode_policy.remove(request_id)
         self._aborts.append(request_id)
 
+    def settle_aborts(self) -> list[RequestOutput]:
+        """Finish now the aborts of requests no rank holds (still buffered, or waiting to restart):
+        a scheduler service with no live instance has no step boundary to finish them at."""
+        held = [r for r in self._aborts if r not in self._where]
+        if not held:
+            return []
+        self._aborts = [r for r in self._aborts if r in self._where]
+        return self.collect([], StepPlanMsg(aborts=held), [])
+
     def request_rebalance(self) -> None:
         """Every instance re-places its experts at its next step boundary."""
         self._rebalances += 1

@@ -18,8 +18,11 @@ An instance may join at any time (it takes work at its first boundary) and may d
 it leaves when what it runs is done).
 
 Clients (`SchedulerClient`) submit requests and receive outputs (every change when streaming, else
-the finished output).
+the finished output). A client in the scheduler's own process (the HTTP front end of
+`launch.serve --scheduler-listen`) is a `local_client`: the same rules (`seen` included), with
+outputs handed to a callback instead of a socket.
 """
+import copy
 import dataclasses
 import socket
 import threading
@@ -122,12 +125,32 @@ class _Instance:
     last_heard: float
     draining: bool = False
     last_plan: StepPlanMsg | None = None
+    loads: list[RankLoad] = field(default_factory=list)   # its ranks' latest loads (for /metrics)
 
 
 @dataclass
 class _Client:
     ch: channel.Channel
     streams: dict[str, bool] = field(default_factory=dict)   # request id -> stream every change
+
+
+class _LocalSink:
+    """A local client's end: `send` hands the callback a copy (the coordinator keeps mutating its
+    own output), on the scheduler's thread with its lock held: the callback must only enqueue."""
+
+    def __init__(self, deliver):
+        self.deliver = deliver
+
+    def send(self, out: RequestOutput) -> None:
+        out = copy.copy(out)
+        out.token_ids, out.new_token_ids = list(out.token_ids), list(out.new_token_ids)
+        if out.metrics is not None:
+            out.metrics = copy.copy(out.metrics)
+            out.metrics.token_times = list(out.metrics.token_times)
+        self.deliver(out)
+
+    def close(self) -> None:
+        pass
 
 
 class SchedulerServer(threading.Thread):
@@ -147,6 +170,7 @@ class SchedulerServer(threading.Thread):
         self.dead: list[int] = []        # instance ids presumed dead
         self.left: list[int] = []        # instance ids that drained and left
         self.joined: list[int] = []
+        self.last_report = time.time()   # when an instance last reported a step
         self.error: Exception | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -178,6 +202,9 @@ class SchedulerServer(threading.Thread):
                     if ch is not self._wake_r:
                         self._serve(ch, now)
                 self._check_silence(time.time())
+                if not self.instances:   # nobody steps: aborts of held requests finish here
+                    with self.lock:
+                        self._deliver(self.coordinator.settle_aborts())
         except Exception as e:   # surfaced to the host by check(), and logged now
             import traceback
             traceback.print_exc()
@@ -292,9 +319,10 @@ class SchedulerServer(threading.Thread):
             for recvs in plan.recvs.values():   # P/D across jobs: where the decode rank fetches the KV
                 for r in recvs:
                     r.src_address = self.kv_address.get(r.src)
-            inst.last_plan = plan
+            inst.last_plan, inst.loads = plan, msg.loads
             inst.ch.send(plan)
         elif isinstance(msg, Report):
+            self.last_report = time.time()
             changed = coord.collect([tuple(g) for g in msg.gathered], inst.last_plan, inst.ranks, inst.id)
             self._deliver(changed)
         elif isinstance(msg, Drain):
@@ -322,17 +350,46 @@ class SchedulerServer(threading.Thread):
 
     # ---- clients -------------------------------------------------------------------------------
     def _from_client(self, client: _Client, msg):
-        coord = self.coordinator
         if isinstance(msg, Submit):
             try:
-                rid = coord.add_request(msg.prompt, msg.params, request_id=msg.request_id)
+                self._submit(client, msg)
             except (ValueError, TypeError) as e:
                 client.ch.send(RequestOutput(msg.request_id or "", None, [], finish_reason=f"error: {e}"))
-                return
-            client.streams[rid] = msg.stream
-            self._owner[rid] = client
         elif isinstance(msg, Abort):
-            coord.abort(msg.request_id)
+            self.coordinator.abort(msg.request_id)
+
+    def _submit(self, client: _Client, msg: Submit, arrival_time: float | None = None) -> str:
+        rid = self.coordinator.add_request(msg.prompt, msg.params, request_id=msg.request_id,
+                                           arrival_time=arrival_time)
+        client.streams[rid] = msg.stream
+        self._owner[rid] = client
+        return rid
+
+    # ---- a client in this process ---------------------------------------------------------------
+    def local_client(self, deliver) -> _Client:
+        """`deliver(output)` gets what a channel client would receive: every change of a streaming
+        request (which then counts as seen), the finished output of the others. It runs on the
+        scheduler's thread with `lock` held, so it must only enqueue."""
+        return _Client(_LocalSink(deliver))
+
+    def submit(self, client: _Client, prompt, params: SamplingParams, *, request_id: str | None = None,
+               stream: bool = False, arrival_time: float | None = None) -> str:
+        """Queue a request for a local client. Raises ValueError (TypeError) as add_request does."""
+        with self.lock:
+            return self._submit(client, Submit(prompt, params, request_id, stream), arrival_time)
+
+    def abort(self, request_id: str) -> None:
+        """Idempotent; the request finishes with "abort" at the next step boundary (at once when
+        no instance is registered)."""
+        with self.lock:
+            self.coordinator.abort(request_id)
+
+    def live_instances(self) -> int:
+        return sum(not i.draining for i in list(self.instances.values()))
+
+    def loads(self) -> list[RankLoad]:
+        """The live instances' ranks' latest loads (each instance sends them with its Plan)."""
+        return [ld for i in list(self.instances.values()) for ld in i.loads]
 
     def _deliver(self, outputs):
         for out in outputs:

@@ -6,6 +6,8 @@ instances (`launch.instance`, each its own torchrun job) register with and clien
 The deployment secret comes from $STAGGER_SECRET_FILE or $STAGGER_SECRET (never the command line).
 Loopback by default; give --listen 0.0.0.0:PORT to serve other hosts. The model folder is read for its
 config and tokenizer only (validation, text prompts): no weights are loaded here.
+The same service runs inside the HTTP server with `python -m launch.serve --scheduler-listen
+HOST:PORT` (make_server is shared).
 """
 import argparse
 import json
@@ -21,19 +23,30 @@ from model.tokenizer import load_tokenizer
 
 
 def build(a) -> SchedulerServer:
-    cfg = EngineConfig.from_options(scheduler=a.scheduler, scheduler_options=json.loads(a.scheduler_options),
-                                    kv_block_size=a.kv_block_size)
+    return make_server(a.model, a.listen, scheduler=a.scheduler,
+                       scheduler_options=json.loads(a.scheduler_options), kv_block_size=a.kv_block_size,
+                       max_model_len=a.max_model_len, capacity=a.capacity,
+                       decode_ranks=a.decode_ranks, dead_after_s=a.dead_after)
+
+
+def make_server(model: str, listen: str, *, scheduler: str = "sbs", scheduler_options: dict | None = None,
+                kv_block_size: int = 64, max_model_len: int | None = None, capacity: int = 256,
+                decode_ranks: int = 0, dead_after_s: float = 10.0) -> SchedulerServer:
+    """The global scheduler service, not started (also hosted by `launch.serve --scheduler-listen`).
+    Reads the model folder's config and tokenizer; the secret from the environment."""
+    cfg = EngineConfig.from_options(scheduler=scheduler, scheduler_options=scheduler_options or {},
+                                    kv_block_size=kv_block_size)
     if cfg.scheduler == "adp-balance":
         raise SystemExit("adp-balance splits a fixed world into equal instances: it cannot serve instances "
                          "that come and go; use sbs, immediate-rr or immediate-lb")
-    mc = load_config(a.model)
-    max_len = a.max_model_len or mc.max_position_embeddings
-    if a.decode_ranks < 0 or a.decode_ranks >= a.capacity:
-        raise SystemExit(f"--decode-ranks must be in [0, --capacity={a.capacity})")
-    coord = Coordinator(mc, cfg, load_tokenizer(a.model), max_len, None, a.capacity, a.decode_ranks)
+    mc = load_config(model)
+    max_len = max_model_len or mc.max_position_embeddings
+    if decode_ranks < 0 or decode_ranks >= capacity:
+        raise SystemExit(f"decode ranks ({decode_ranks}) must be in [0, capacity={capacity})")
+    coord = Coordinator(mc, cfg, load_tokenizer(model), max_len, None, capacity, decode_ranks)
     coord.closed = False   # a service: instances keep serving until they drain
-    return SchedulerServer(coord, channel.parse_address(a.listen), channel.load_secret(), a.capacity,
-                           dead_after_s=a.dead_after)
+    return SchedulerServer(coord, channel.parse_address(listen), channel.load_secret(), capacity,
+                           dead_after_s=dead_after_s)
 
 
 def main(argv=None):

@@ -120,7 +120,7 @@ def build_app(st: ServerState) -> FastAPI:
         def sink(d):
             ev_loop.call_soon_threadsafe(aq.put_nowait, d)
         end = deadline(body)
-        choices = [Choice(ids, p, sink, index=i * n + j, deadline=end, arrival=arrival)
+        choices = [Choice(ids, p, sink, index=i * n + j, deadline=end, arrival=arrival, stream=stream)
                    for i, ids in enumerate(prompts) for j, p in enumerate(proto.choice_params(params, n))]
         try:
             rids = await asyncio.wrap_future(st.loop.submit(choices))
@@ -216,6 +216,10 @@ def _error_of(reason: str) -> ApiError | None:
                         code="timeout")
     if reason == "shutdown":
         return ApiError(503, "the server shut down before the request finished")
+    if reason == "error: instance lost":   # a global scheduler's instance died after tokens were sent
+        return ApiError(502, "the instance running this request was lost after part of its output had "
+                        "been sent (a restart would not continue it); retry the request",
+                        code="instance_lost")
     if reason and reason.startswith("error"):
         return ApiError(500, f"the engine failed this request: {reason}")
     return None

@@ -14,6 +14,13 @@ broadcasts them to every rank of the instance at a step boundary over the contro
 all ranks add the same requests in the same order and agree on when to step and when to stop
 (`follow`). With several instances rank 0 adds to the global scheduler directly; the other
 instances' leaders get their work from it as usual.
+
+`SchedulerLoop` is the same loop in front of a global scheduler service hosted in this process
+(`launch.serve --scheduler-listen`): no engine here; requests go into the SchedulerServer's
+coordinator as a local client's, instances that are jobs of their own (`launch.instance`) run
+them, and their outputs come back through the same inbox. Streaming requests count as seen once
+their tokens are handed over (engine/instances.py), so a lost instance ends them with
+"error: instance lost" instead of restarting them; the others restart elsewhere unnoticed.
 """
 import concurrent.futures
 import queue
@@ -41,6 +48,7 @@ class Choice:
     deadline: float | None = None   # absolute time.time(); past it the request is aborted
     arrival: float | None = None    # when the HTTP request came in (the engine's arrival_time)
     request_id: str = ""
+    stream: bool = False            # its client sees every token as it comes (a global scheduler's rule)
 
 
 @dataclass
@@ -79,8 +87,8 @@ class EngineLoop:
     """Runs on global rank 0 (`run`, on its own thread); the other ranks call `follow`."""
 
     def __init__(self, llm, metrics=None, *, max_pending: int | None = None):
-        self.llm, self.engine, self.metrics = llm, llm.engine, metrics
-        self.several = llm.config.instances > 1
+        self.llm, self.engine, self.metrics = llm, llm and llm.engine, metrics
+        self.several = llm is not None and llm.config.instances > 1
         self.inbox: queue.Queue = queue.Queue()
         self.live: dict[str, _Track] = {}
         self.max_pending = max_pending
@@ -142,6 +150,8 @@ class EngineLoop:
     def run(self) -> None:
         try:
             self.ready.set()
+            if self.metrics is not None:
+                self.metrics.instances.set(self._instances())
             self._run()
         except BaseException as e:   # surfaced by /health and by the main thread
             import traceback
@@ -165,11 +175,7 @@ class EngineLoop:
                     for rid in payload:
                         self._abort(rid, None, msg)
             now = time.time()
-            for rid, tr in list(self.live.items()):
-                if tr.choice.deadline is not None and now > tr.choice.deadline:
-                    self._abort(rid, "timeout", msg)
-                elif (self.draining and now > self.drain_deadline) or self._stop.is_set():
-                    self._abort(rid, "shutdown", msg)
+            self._expire(now, msg)
             msg.stop = self._stop.is_set() and not self.live
             if self.several:
                 if not self._step_several(msg.stop):
@@ -197,6 +203,23 @@ class EngineLoop:
                 self._observe_steps()
             else:
                 self.last_step = time.time()
+
+    def _expire(self, now: float, msg: _Msg) -> None:
+        """Abort what is past its deadline, or past the drain's grace period."""
+        for rid, tr in list(self.live.items()):
+            if tr.choice.deadline is not None and now > tr.choice.deadline:
+                self._abort(rid, "timeout", msg)
+            elif (self.draining and now > self.drain_deadline) or self._stop.is_set():
+                self._abort(rid, "shutdown", msg)
+
+    def _instances(self) -> int:
+        return self.llm.config.instances
+
+    def _start(self, c: Choice) -> None:
+        self.engine.add_request(c.prompt_ids, c.params, request_id=c.request_id, arrival_time=c.arrival)
+
+    def _cancel(self, rid: str) -> None:
+        self.engine.abort(rid)
 
     def _step_several(self, stop: bool) -> bool:
         """Several instances: instance 0 steps in lockstep like the others; outputs of every
@@ -257,12 +280,11 @@ class EngineLoop:
                 self._ids += 1
                 c.request_id = f"srv-{self._ids}"
                 c.arrival = c.arrival or now
-                self.engine.add_request(c.prompt_ids, c.params, request_id=c.request_id,
-                                        arrival_time=c.arrival)
+                self._start(c)
                 added.append(c)
         except ValueError as e:
             for c in added:
-                self.engine.abort(c.request_id)
+                self._cancel(c.request_id)
             msg.adds += [(c.prompt_ids, c.params, c.request_id, c.arrival) for c in added]
             msg.aborts += [c.request_id for c in added]
             self._unpend(len(choices))
@@ -279,7 +301,7 @@ class EngineLoop:
         if tr is None or tr.reason is not None:
             return   # finished already, or its abort is on the way (abort is idempotent)
         tr.reason = reason or "abort"
-        self.engine.abort(rid)
+        self._cancel(rid)
         msg.aborts.append(rid)
 
     def _unpend(self, n: int) -> None:
@@ -326,6 +348,77 @@ class EngineLoop:
             for rec in steps[self._steps_seen:]:
                 self.metrics.observe_step(rec)
         self._steps_seen = len(steps)
+
+
+class SchedulerLoop(EngineLoop):
+    """The HTTP front end of a global scheduler service hosted in this process (no engine, no
+    weights): the HTTP side's surface is EngineLoop's; what differs is where requests go (the
+    SchedulerServer, as a local client) and where outputs come from (its deliveries, through the
+    inbox). Aborts and timeouts go to the coordinator; they finish at an instance's next step
+    boundary, or at once while no instance is registered."""
+
+    def __init__(self, server, metrics=None, *, max_pending: int | None = None):
+        super().__init__(None, metrics, max_pending=max_pending)
+        self.server = server
+        self.client = server.local_client(lambda out: self.inbox.put(("output", out, None)))
+
+    def healthy(self, stall_s: float) -> tuple[bool, str]:
+        if self.server.error is not None:
+            return False, f"global scheduler failed: {self.server.error!r}"
+        ok, why = super().healthy(stall_s)
+        if ok and not self.server.live_instances():
+            return False, "no instance registered"
+        return ok, why
+
+    def _instances(self) -> int:
+        return self.server.live_instances()
+
+    def _start(self, c: Choice) -> None:
+        self.server.submit(self.client, c.prompt_ids, c.params, request_id=c.request_id, stream=c.stream,
+                           arrival_time=c.arrival)
+
+    def _cancel(self, rid: str) -> None:
+        self.server.abort(rid)
+
+    def _run(self) -> None:
+        server = self.server
+        while True:
+            server.check()
+            msg = _Msg()   # nothing to broadcast here: no ranks in this process
+            for kind, payload, fut in self._take(block=True):
+                if kind == "submit":
+                    self._add(payload, fut, msg)
+                elif kind == "abort":
+                    for rid in payload:
+                        self._abort(rid, None, msg)
+                elif kind == "output" and (tr := self.live.get(payload.request_id)) is not None:
+                    self._deliver(tr, payload)
+            self._finished.clear()   # the scheduler drops finished outputs itself
+            now = time.time()
+            self._expire(now, msg)
+            # /health's stall rule: with work waiting, some instance must keep reporting steps
+            self.last_step = now if not self.live else max(self.last_step, server.last_report)
+            if self.metrics is not None:
+                self._observe_steps()
+                if now >= self._next_load:
+                    self._next_load = now + LOAD_EVERY_S
+                    self.metrics.instances.set(server.live_instances())
+                    self.metrics.observe_loads(server.loads(), self._buffered())
+            if self._stop.is_set() and not self.live:
+                return
+
+    def _buffered(self) -> int:
+        coord = self.server.coordinator
+        with self.server.lock:
+            return sum(1 for rid in list(self.live) if (o := coord.outputs.get(rid)) is not None
+                       and o.metrics is not None and o.metrics.release_time is None)
+
+    def _observe_steps(self) -> None:
+        with self.server.lock:
+            new = self.server.coordinator.steps[self._steps_seen:]
+        self._steps_seen += len(new)
+        for rec in new:
+            self.metrics.observe_step(rec)
 
 
 def follow(llm) -> None:

@@ -36,6 +36,8 @@ class ServerMetrics:
         self.buffered = Gauge("stagger_num_requests_buffered",
                               "Requests held by the global scheduler (SBS buffer)",
                               list(lbl), registry=r).labels(**lbl)
+        self.instances = Gauge("stagger_num_instances", "Instances taking work (with a global scheduler "
+                               "service: registered and not draining)", list(lbl), registry=r).labels(**lbl)
         self.kv = Gauge("stagger_kv_cache_usage_perc", "Fraction of a rank's KV blocks in use",
                         list(lbl) + ["rank"], registry=r)
         self.kv_free = Gauge("stagger_kv_cache_free_blocks", "Free KV blocks of a rank", list(lbl) + ["rank"],

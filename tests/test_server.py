@@ -441,3 +441,146 @@ def test_bench_serving_url_mode_replays_through_the_server(srv, ckpt):
                 "--prompt-len", "8", "--output-len", "3", "--max-prompt", "16", "--max-output", "4"])["http"]
     assert res["completed"] >= 1 and res["failed"] == 0
     assert res["ttft_mean_s"] > 0 and res["server_ttft_mean_s"] > 0 and res["throughput_tok_s"] > 0
+
+
+# ---- the HTTP front end of a global scheduler service, instances as jobs of their own ---------------
+def _front_end(ckpt, port, env):
+    """launch.serve --scheduler-listen: -> (process, the scheduler's HOST:PORT from its stdout)."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "launch.serve", "--model", ckpt, "--port", str(port),
+                             "--served-model-name", "tiny", "--scheduler-listen", "127.0.0.1:0",
+                             "--kv-block-size", "16", "--dead-after-s", "5", "--grace-period", "2"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                            start_new_session=True)
+    proc.log = log
+    found = []
+
+    def read():   # keep draining stdout (a full pipe would block the server)
+        for line in proc.stdout:
+            if line.startswith("stagger scheduler listening on") and not found:
+                found.append(line.split()[-1])
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.time() + 60
+    while not found:
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no listen address: {_tail(proc)}")
+        time.sleep(0.05)
+    return proc, found[0]
+
+
+def test_front_end_of_scheduler_service_two_instance_jobs_one_killed(ckpt, ref):
+    """HTTP in front of two launch.instance jobs: texts equal one in-process engine's; one instance
+    SIGKILLed mid-run: every request ends once, with the reference text or (streaming, tokens already
+    sent) with the instance_lost error; the survivor keeps serving; SIGTERM: all exit 0."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               STAGGER_SECRET="front-end-test-" + os.urandom(8).hex())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    prompts = [f"Request {i}: the quick brown fox" for i in range(8)]   # the first 4 stream
+    lengths = [96] * 4 + [32] * 4
+    want = [ref_text(ref, p, max_tokens=n).text for p, n in zip(prompts, lengths)]
+    procs = []
+    try:
+        front, addr = _front_end(ckpt, port, env)
+        procs.append(front)
+        deadline = time.time() + 60
+        while True:
+            try:
+                r = httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline and front.poll() is None, _tail(front)
+                time.sleep(0.1)
+        assert r.status_code == 503 and "no instance" in r.text   # nobody to run requests yet
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4, "timeout": 0.3},
+                       timeout=30)   # held in the buffer; its abort finishes without any instance
+        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout", r.text
+        for _ in range(2):
+            cmd = [sys.executable, "-m", "launch.instance", "--scheduler", addr, "--model", ckpt,
+                   "-o", "kv_block_size=16", "-o", "max_num_seqs=2"]
+            log = tempfile.TemporaryFile()
+            p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            p.log = log
+            procs.append(p)
+        victim = procs[2]
+        deadline = time.time() + 90
+        while metrics(url).get(("stagger_num_instances", ())) != 2:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                "\n".join(_tail(p) for p in procs)
+            time.sleep(0.2)
+        assert httpx.get(url + "/health").status_code == 200
+
+        async def one(c, i, started):
+            body = {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True}
+            if i >= 4:
+                r = await c.post(url + "/v1/completions", json=body)
+                return r.status_code, r.json()
+            events = []
+            async with c.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if events[-1] != "[DONE]" and "choices" in json.loads(events[-1]):
+                            started.add(i)
+            return r.status_code, events
+
+        async def run():
+            started = set()
+            async with httpx.AsyncClient(timeout=60) as c:
+                tasks = [asyncio.ensure_future(one(c, i, started)) for i in range(len(prompts))]
+                while len(started) < 3:   # 3 streams run: at most 2 on one instance (max_num_seqs)
+                    assert not any(t.done() for t in tasks[:4]), _tail(front)
+                    await asyncio.sleep(0.005)
+                victim.send_signal(signal.SIGKILL)
+                return await asyncio.wait_for(asyncio.gather(*tasks), 90)
+
+        got = asyncio.run(run())
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+        lost = []
+        for i, (status, res) in enumerate(got):
+            assert status == 200, (i, res)
+            if i >= 4:   # non-streaming: a lost instance's request restarts elsewhere, unnoticed
+                assert res["choices"][0]["text"] == want[i] and res["choices"][0]["finish_reason"] == "length"
+                continue
+            assert res[-1] == "[DONE]" and res.count("[DONE]") == 1
+            chunks = [json.loads(e) for e in res[:-1]]
+            ends = [ch for ch in chunks if "error" in ch or ch["choices"][0]["finish_reason"]]
+            assert len(ends) == 1 and ends[0] is chunks[-1], (i, chunks)   # exactly one end, the last
+            text = "".join(ch["choices"][0]["text"] for ch in chunks if "choices" in ch)
+            if "error" in ends[0]:
+                assert ends[0]["error"]["code"] == "instance_lost", ends[0]
+                assert text == want[i][:len(text)]    # what was streamed was right, up to the loss
+                lost.append(i)
+            else:
+                assert ends[0]["choices"][0]["finish_reason"] == "length" and text == want[i], i
+        assert lost   # the kill did hit streaming work
+
+        # the survivor keeps serving; /health stays ok with one instance
+        c = client(url)
+        r = c.completions.create(model="tiny", prompt=prompts[4], temperature=0, max_tokens=32,
+                                 extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want[4]
+        chunks = list(c.completions.create(model="tiny", prompt=prompts[0], stream=True, temperature=0,
+                                           max_tokens=96, extra_body={"ignore_eos": True}))
+        assert "".join(ch.choices[0].text for ch in chunks) == want[0]
+        assert httpx.get(url + "/health").status_code == 200
+        assert metrics(url)[("stagger_num_instances", ())] == 1
+        # a client that leaves mid-stream aborts its request on the instance
+        with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+                "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
+            n = sum(1 for line, _ in zip(r.iter_lines(), range(3)) if line.startswith("data: "))
+        assert n >= 1
+        deadline = time.time() + 20
+        while metrics(url).get(("stagger_request_success_total", (("finished_reason", "abort"),))) != 1:
+            assert time.time() < deadline, "the disconnect did not abort"
+            time.sleep(0.1)
+        # SIGTERM drains the front end, which tells the instance to stop: both exit 0
+        assert _stop(front, bound=30) == 0, _tail(front)
+        assert procs[1].wait(timeout=30) == 0, _tail(procs[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
