@@ -184,10 +184,9 @@ class StaticDecode:
                 layer.real_rows = None
 
     def _capture(self, model, nb, mla_path):
-        """Record bucket nb's forward through the logits. Two warm-up runs on a side stream first
-        compile the Triton kernels and build lazily made weights (no allocation or compilation may
-        happen during capture); they recompute this step's KV rows (the same values) and their EPLB
-        counts are undone. Capture itself executes nothing: the caller replays."""
+        """Record bucket nb's forward through the logits (the caller replays it for this step).
+        The warm-up runs recompute this step's KV rows (the same values); their EPLB counts are
+        undone (capture itself executes nothing)."""
         longest = [self.width * self.block_size] * nb   # constant host lengths (see the class doc)
 
         def forward():
@@ -195,21 +194,28 @@ class StaticDecode:
 
         counted = [layer for layer in model.moe_layers() if layer.expert_load is not None]
         saved = [layer.expert_load.clone() for layer in counted]
+        self.graphs[nb] = self._record(forward)
+        for layer, load in zip(counted, saved):
+            layer.expert_load.copy_(load)
+
+    def _record(self, forward):
+        """-> (CUDAGraph, its output). Two warm-up runs on a side stream first compile the Triton
+        kernels and build lazily made weights: nothing may compile or allocate outside the pool
+        during capture. One pool serves every bucket (replays never overlap, and each graph's
+        output stays held, so no capture reuses another's output memory)."""
         side = torch.cuda.Stream(self.ids.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 forward()
         torch.cuda.current_stream().wait_stream(side)
-        for layer, load in zip(counted, saved):
-            layer.expert_load.copy_(load)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: work other threads put on the device (KV transfers) is not this capture's
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = forward()
-        self.graphs[nb] = (graph, logits)
+            out = forward()
+        return graph, out
 
 
 def graph_blocker(model, mla_path) -> str:
