@@ -8,7 +8,8 @@ machine's own torch/triton/transformers.
 OUT defaults to $OUT, else ./gpu_results. Stages:
   0 environment: versions, device, measured copy bandwidth and bf16 GEMM rate
   1 kernel tests compiled for real (STAGGER_TEST_DEVICE=cuda: fp32/fp16/bf16/fp8, NaN-poisoned outputs)
-  2 engine parity on tiny V3, V2 and FP8: GPU vs CPU greedy tokens, static decode vs eager
+  2 engine parity on tiny V3, V2 and FP8: GPU vs CPU greedy tokens, static decode through CUDA graphs
+    (captured buckets, replays) vs eager and vs static decode without graphs
   3 teacher-forced logits vs transformers, both bf16 on the GPU
   4 end-to-end decode at batch 1/8/64 on a few-layer Moonlight-width model (weights generated on the
     GPU): step time vs roofline, profiler summary (busy fraction, syncs per step, top kernels),
@@ -110,11 +111,14 @@ def _checkpoint(preset: str, fp8: bool = False) -> str:
     return make_checkpoint(os.path.join(tempfile.mkdtemp(), preset), preset, fp8=fp8, tokenizer="none")
 
 
-def _greedy(path, prompts, n, **opts):
+def _greedy(path, prompts, n, keep=False, **opts):
+    """Greedy tokens; `n` is one max_tokens for all prompts or one per prompt. keep: also the LLM."""
     from engine import LLM, SamplingParams
     llm = LLM(path, kv_block_size=16, num_kv_blocks=64, **opts)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    return [o.token_ids for o in outs]
+    lens = n if isinstance(n, list) else [n] * len(prompts)
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in lens])
+    tokens = [o.token_ids for o in outs]
+    return (tokens, llm) if keep else tokens
 
 
 def _same_prefix(a, b):
@@ -128,18 +132,31 @@ def stage2(s: Stage):
     presets = [("tiny-v3", False)] if s.dry else [("tiny-v3", False), ("tiny-v2", False), ("tiny-v3", True)]
     for preset, fp8 in presets:
         path = _checkpoint(preset, fp8)
-        n = 4 if s.dry else 16
+        # unequal lengths: the decode batch shrinks 4 -> 3 -> 2 -> 1 (static decode buckets 4, 2, 1)
+        n = [4, 3, 2, 1] if s.dry else [16, 12, 8, 4]
         ref = _greedy(path, prompts, n, device="cpu", dtype="float32")
-        rec = dict(preset=preset + ("-fp8" if fp8 else ""), tokens=n * len(prompts))
+        rec = dict(preset=preset + ("-fp8" if fp8 else ""), tokens=sum(n))
         backend = "torch" if s.dry else "triton"
         dev = str(s.dev)
         got = _greedy(path, prompts, n, device=dev, dtype="float32", attention_backend=backend,
                       moe_backend=backend)
         rec["device_vs_cpu_fp32_same_prefix"] = _same_prefix(got, ref)
         if static:
-            g2 = _greedy(path, prompts, n, device=dev, dtype="float32", attention_backend=backend,
-                         moe_backend=backend, static_decode=True)
+            # on CUDA (triton kernels, one rank) static decode captures and replays CUDA graphs
+            g2, llm = _greedy(path, prompts, n, keep=True, device=dev, dtype="float32",
+                              attention_backend=backend, moe_backend=backend, static_decode=True)
             rec["static_vs_eager_same_prefix"] = _same_prefix(g2, got)
+            sd = llm.engine.worker.runner.static
+            if hasattr(sd, "graphs"):
+                rec.update(graph_buckets_captured=sorted(sd.graphs), graph_replays=sd.replays,
+                           graph_blocker=sd.blocker or None, graphs_used=bool(sd.replays))
+                if sd.use_graphs:
+                    rec["graphs_vs_eager_same_prefix"] = rec["static_vs_eager_same_prefix"]
+                    g3 = _greedy(path, prompts, n, device=dev, dtype="float32", attention_backend=backend,
+                                 moe_backend=backend, static_decode=True, cuda_graphs=False)
+                    rec["static_eager_vs_eager_same_prefix"] = _same_prefix(g3, got)
+                    rec["graphs_vs_static_eager_same_prefix"] = _same_prefix(g2, g3)
+            del llm
         if not s.dry:
             b16 = _greedy(path, prompts, n, device=dev, dtype="bfloat16")
             rec["device_bf16_vs_cpu_fp32_same_prefix"] = _same_prefix(b16, ref)

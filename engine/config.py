@@ -25,6 +25,7 @@ class EngineConfig:
     seed: int = 0
     mla_path: str = "auto"                  # auto | absorbed | expanded (testing both MLA paths)
     static_decode: bool = False             # decode-only steps through padded static buffers (CUDA graphs)
+    cuda_graphs: bool = True                # with static_decode on CUDA: capture and replay each bucket
     num_redundant_experts: int = 0          # EPLB: extra expert slots for copies of hot experts
     eplb_interval_steps: int = 0            # rebalance experts every N steps (0: only on request)
     instances: int = 1                      # lockstep groups the torchrun world splits into

@@ -30,7 +30,7 @@ class RankWorker:
                                         max_model_len=max_model_len,
                                         order=rank_order(cfg.order, bm, **cfg.order_options))
         self.runner = ModelRunner(model, kv_caches, cfg.kv_block_size, device, cfg.mla_path,
-                                  cfg.static_decode, cfg.max_num_seqs, max_model_len)
+                                  cfg.static_decode, cfg.max_num_seqs, max_model_len, cfg.cuda_graphs)
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
         self.role, self.transfers, self.balancer = role, transfers, balancer
@@ -54,7 +54,11 @@ class RankWorker:
         self.sampler.forget(request_id)
 
     def rebalance(self) -> dict | None:
-        return self.balancer.rebalance() if self.balancer is not None else None
+        if self.balancer is None:
+            return None
+        report = self.balancer.rebalance()
+        self.runner.drop_graphs()   # expert weights moved: captured graphs point at the old ones
+        return report
 
     def load(self):
         return self.scheduler.load(self.rank)

@@ -332,18 +332,20 @@ class MoE(nn.Module):
         # experts, overlap) -> (routed output for x, overlap()) (dispatch, compute, combine).
         self.ep = None
         self.expert_load: torch.Tensor | None = None   # set by the engine when EPLB is on
-        self.num_real_tokens: int | None = None   # static decode: rows past it are padding (no expert)
+        # static decode: bool [T] on the device, False for padding rows (no expert, not counted); a
+        # device tensor, not a row count, so a captured CUDA graph reads each step's value
+        self.real_rows: torch.Tensor | None = None
 
     def forward(self, x):
         weights, ids = self.gate(x)
-        real = self.num_real_tokens
+        real = self.real_rows
         if self.expert_load is not None:   # EPLB statistics: tokens routed to each logical expert
-            flat = ids[:real].flatten()   # scatter_add: bincount on CUDA reads its max back (a host sync)
-            self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
+            # scatter_add: bincount on CUDA reads its max back (a host sync)
+            ones = torch.ones_like(ids) if real is None else real[:, None].expand_as(ids).to(ids.dtype)
+            self.expert_load.scatter_add_(0, ids.reshape(-1), ones.reshape(-1))
         shared = (lambda: self.shared_experts(x)) if self.shared_experts is not None else (lambda: None)
         if self.ep is None and real is not None:   # padding rows choose no expert (slot -1)
-            slots = self.experts.expert_map[ids]
-            slots[real:] = -1
+            slots = self.experts.expert_map[ids].masked_fill(~real[:, None], -1)
             routed, side = self.experts.compute(x, slots, weights), shared()
         elif self.ep is None:
             routed, side = self.experts(x, ids, weights), shared()
