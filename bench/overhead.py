@@ -35,6 +35,9 @@ class _Stub(torch.nn.Module):
     def compute_logits(self, hidden):
         return self.logits[: hidden.shape[0]]
 
+    def moe_layers(self):
+        return []
+
 
 def _timed(obj, name, acc, key):
     fn = getattr(obj, name)
