@@ -21,6 +21,39 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch):
         """-> (input ids, metadata, indices of rows whose logits are sampled, their requests)."""
+        if batch.items and all(n == 1 for _, n in batch.items):
+            ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = self._one_token_rows(batch)
+        else:
+            ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = self._chunk_rows(batch)
+        width = max((len(t) for t in tables), default=1)
+        bt = [t if len(t) == width else t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        meta = AttentionMetadata(positions=to_device(pos, torch.int64, dev),
+                                 slot_mapping=to_device(slots, torch.int64, dev),
+                                 block_tables=to_device(bt, torch.int32, dev).view(-1, width),
+                                 seq_lens=seq_lens, query_start_loc=qsl, mla_path=self.mla_path)
+        meta.cache["seq_lens_i32"] = to_device(seq_lens, torch.int32, dev)
+        meta.cache["query_start_loc_i32"] = to_device(qsl, torch.int32, dev)
+        return to_device(ids, torch.int64, dev), meta, sample_rows, sample_reqs
+
+    def _one_token_rows(self, batch: ScheduledBatch):
+        """One token per request (decode steps): each field in one comprehension."""
+        bs = self.block_size
+        reqs = [r for r, _ in batch.items]
+        pos = [r.num_computed_tokens for r in reqs]
+        ids = [r.prompt_token_ids[p] if p < len(r.prompt_token_ids)
+               else r.output_token_ids[p - len(r.prompt_token_ids)] for r, p in zip(reqs, pos)]
+        slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(reqs, pos)]
+        seq_lens = [p + 1 for p in pos]
+        tables = [r.block_table for r in reqs]
+        # rows at their last known token sample the next one: all of them in a decode step
+        rows = [i for i, (r, p) in enumerate(zip(reqs, pos))
+                if p + 1 == len(r.prompt_token_ids) + len(r.output_token_ids)]
+        sample_reqs = reqs if len(rows) == len(reqs) else [reqs[i] for i in rows]
+        return ids, pos, slots, list(range(len(reqs) + 1)), seq_lens, tables, rows, sample_reqs
+
+    def _chunk_rows(self, batch: ScheduledBatch):
+        """Any mix of prefill chunks and decodes: per-request host lists."""
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [0], [], [], [], []
         for req, n in batch.items:
@@ -35,16 +68,7 @@ class ModelRunner:
             if start + n == req.num_tokens:   # reached its last known token: sample the next one
                 sample_rows.append(qsl[-1] - 1)
                 sample_reqs.append(req)
-        width = max((len(t) for t in tables), default=1)
-        bt = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
-        meta = AttentionMetadata(positions=to_device(pos, torch.int64, dev),
-                                 slot_mapping=to_device(slots, torch.int64, dev),
-                                 block_tables=to_device(bt, torch.int32, dev).view(-1, width),
-                                 seq_lens=seq_lens, query_start_loc=qsl, mla_path=self.mla_path)
-        meta.cache["seq_lens_i32"] = to_device(seq_lens, torch.int32, dev)
-        meta.cache["query_start_loc_i32"] = to_device(qsl, torch.int32, dev)
-        return to_device(ids, torch.int64, dev), meta, sample_rows, sample_reqs
+        return ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch):
