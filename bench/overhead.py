@@ -35,6 +35,9 @@ class _Stub(torch.nn.Module):
     def compute_logits(self, hidden):
         return self.logits[: hidden.shape[0]]
 
+    def moe_layers(self):
+        return []
+
 
 def _timed(obj, name, acc, key):
     fn = getattr(obj, name)
@@ -80,7 +83,9 @@ def measure(model_dir, n_seqs, steps, prompt_len, temperature, top_p=1.0):
     _timed(worker.scheduler, "schedule", acc, "schedule")
     _timed(worker.scheduler, "update", acc, "sched_update")
     _timed(worker.runner, "prepare", acc, "prepare_inputs")
-    _timed(worker, "_finish_token", acc, "detok_stop")
+    # one call per step (_finish_tokens), or per sampled token in older trees (_finish_token)
+    finish = "_finish_tokens" if hasattr(worker, "_finish_tokens") else "_finish_token"
+    _timed(worker, finish, acc, "detok_stop")
     _timed(coord, "plan", acc, "coord_plan")
     _timed(coord, "collect", acc, "coord_collect")
     worker.sampler = _TimedSampler(worker.sampler, acc)

@@ -180,14 +180,16 @@ class Coordinator:
             out.metrics.finish_time = time.time()
             self._forget(rid)
             changed[rid] = out
+        outputs = self.outputs
         for events, _ in gathered:
             for ev in events:
-                out = self.outputs[ev.request_id]
-                if out.finished:
+                rid = ev.request_id
+                out = outputs[rid]
+                if out.finish_reason is not None:   # finished
                     continue
-                if ev.request_id not in changed:
+                if rid not in changed:
                     out.new_token_ids = []
-                    changed[ev.request_id] = out
+                    changed[rid] = out
                 self._apply(out, ev)
                 if ev.handoff:   # P/D: prefilled; the decode scheduler places it next
                     req = self._specs[ev.request_id].to_request([ev.token_id])
@@ -206,12 +208,13 @@ class Coordinator:
         return list(changed.values())
 
     def _apply(self, out: RequestOutput, ev: TokenEvent) -> None:
-        out.token_ids.append(ev.token_id)
-        out.new_token_ids.append(ev.token_id)
+        token, t = ev.token_id, ev.time
+        out.token_ids.append(token)
+        out.new_token_ids.append(token)
         m = out.metrics
-        m.token_times.append(ev.time)
+        m.token_times.append(t)
         if m.first_token_time is None:
-            m.first_token_time = ev.time
+            m.first_token_time = t
         if ev.cached_tokens is not None:
             out.num_cached_tokens = ev.cached_tokens
         if out.text is not None:

@@ -9,9 +9,11 @@ class IncrementalDetokenizer:
     merges across the boundary (leading spaces, multi-byte characters) come out right."""
 
     WINDOW = 6
+    __slots__ = ("tok", "_decode", "ids", "text", "_prefix", "_read", "_before")
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        self._decode = tokenizer.decode   # bound once: add() runs per token of every request
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0   # ids[_prefix:_read] were already emitted
@@ -19,20 +21,22 @@ class IncrementalDetokenizer:
         self._before: str | None = ""   # decode(ids[_prefix:_read]), None: to compute
 
     def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        if self._before is None:
-            self._before = self.tok.decode(self.ids[self._prefix:self._read])
+        ids, prefix = self.ids, self._prefix
+        ids.append(token_id)
         before = self._before
-        after = self.tok.decode(self.ids[self._prefix:])
+        if before is None:
+            before = self._decode(ids[prefix:self._read])
+        after = self._decode(ids[prefix:])
         if after.endswith("\ufffd") or len(after) <= len(before):
+            self._before = before
             return ""
         delta = after[len(before):]
         self.text += delta
-        self._read = len(self.ids)
+        read = self._read = len(ids)
         # The window slides only once it is twice its size: until then the next "before" is this
         # "after", so most tokens cost one decode instead of two (per-step host time).
-        if self._read - self._prefix > 2 * self.WINDOW:
-            self._prefix, self._before = self._read - self.WINDOW, None
+        if read - prefix > 2 * self.WINDOW:
+            self._prefix, self._before = read - self.WINDOW, None
         else:
             self._before = after
         return delta

@@ -4,6 +4,8 @@ Host-built inputs go to the device through pinned memory without blocking (on CU
 step never waits for the previous one; per-sequence lengths and query offsets travel once per step
 and every layer reads them from `meta.cache` (no per-layer host-to-device copies).
 """
+import array
+
 import torch
 
 from model.deepseek import MLA, AttentionMetadata, Experts
@@ -27,6 +29,40 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch):
         """-> (input ids, metadata, indices of rows whose logits are sampled, their requests)."""
+        if batch.items and all(n == 1 for _, n in batch.items):
+            ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = self._one_token_rows(batch)
+        else:
+            ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = self._chunk_rows(batch)
+        width = max((len(t) for t in tables), default=1)
+        pad = [0] * width
+        bt = [b for t in tables for b in (t if len(t) == width else t + pad[len(t):])]   # flat, padded
+        dev = self.device
+        meta = AttentionMetadata(positions=to_device(pos, torch.int64, dev),
+                                 slot_mapping=to_device(slots, torch.int64, dev),
+                                 block_tables=to_device(bt, torch.int32, dev).view(-1, width),
+                                 seq_lens=seq_lens, query_start_loc=qsl, mla_path=self.mla_path)
+        meta.cache["seq_lens_i32"] = to_device(seq_lens, torch.int32, dev)
+        meta.cache["query_start_loc_i32"] = to_device(qsl, torch.int32, dev)
+        return to_device(ids, torch.int64, dev), meta, sample_rows, sample_reqs
+
+    def _one_token_rows(self, batch: ScheduledBatch):
+        """One token per request (decode steps): each field in one comprehension."""
+        bs = self.block_size
+        reqs = [r for r, _ in batch.items]
+        pos = [r.num_computed_tokens for r in reqs]
+        ids = [r.prompt_token_ids[p] if p < len(r.prompt_token_ids)
+               else r.output_token_ids[p - len(r.prompt_token_ids)] for r, p in zip(reqs, pos)]
+        slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(reqs, pos)]
+        seq_lens = [p + 1 for p in pos]
+        tables = [r.block_table for r in reqs]
+        # rows at their last known token sample the next one: all of them in a decode step
+        rows = [i for i, (r, p) in enumerate(zip(reqs, pos))
+                if p + 1 == len(r.prompt_token_ids) + len(r.output_token_ids)]
+        sample_reqs = reqs if len(rows) == len(reqs) else [reqs[i] for i in rows]
+        return ids, pos, slots, list(range(len(reqs) + 1)), seq_lens, tables, rows, sample_reqs
+
+    def _chunk_rows(self, batch: ScheduledBatch):
+        """Any mix of prefill chunks and decodes: per-request host lists."""
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [0], [], [], [], []
         for req, n in batch.items:
@@ -41,16 +77,7 @@ class ModelRunner:
             if start + n == req.num_tokens:   # reached its last known token: sample the next one
                 sample_rows.append(qsl[-1] - 1)
                 sample_reqs.append(req)
-        width = max((len(t) for t in tables), default=1)
-        bt = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
-        meta = AttentionMetadata(positions=to_device(pos, torch.int64, dev),
-                                 slot_mapping=to_device(slots, torch.int64, dev),
-                                 block_tables=to_device(bt, torch.int32, dev).view(-1, width),
-                                 seq_lens=seq_lens, query_start_loc=qsl, mla_path=self.mla_path)
-        meta.cache["seq_lens_i32"] = to_device(seq_lens, torch.int32, dev)
-        meta.cache["query_start_loc_i32"] = to_device(qsl, torch.int32, dev)
-        return to_device(ids, torch.int64, dev), meta, sample_rows, sample_reqs
+        return ids, pos, slots, qsl, seq_lens, tables, sample_rows, sample_reqs
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch):
@@ -66,10 +93,20 @@ class ModelRunner:
         return self.model.compute_logits(hidden), reqs
 
 
+_INT_CODES = {torch.int64: "q", torch.int32: "i"}   # array typecodes of the same width
+assert array.array("q").itemsize == 8 and array.array("i").itemsize == 4
+
+
 def to_device(values, dtype, device) -> torch.Tensor:
     """A host list as a device tensor: staged in pinned memory and copied without blocking on CUDA
-    (a pageable torch.tensor(..., device=cuda) would wait for the stream), a plain tensor on CPU."""
-    t = torch.tensor(values, dtype=dtype)
+    (a pageable torch.tensor(..., device=cuda) would wait for the stream), a plain tensor on CPU.
+    A flat list of ints goes through array.array (several times faster than torch.tensor's
+    per-element conversion; it raises on values that do not fit instead of wrapping)."""
+    code = _INT_CODES.get(dtype)
+    if code is not None and values and type(values[0]) is int:
+        t = torch.frombuffer(array.array(code, values), dtype=dtype)
+    else:
+        t = torch.tensor(values, dtype=dtype)
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t

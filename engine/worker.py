@@ -9,7 +9,7 @@ from scheduler.allocation import attention_pairs
 from scheduler.batch import BatchScheduler
 from scheduler.block_manager import BlockManager
 from scheduler.ordering import rank_order
-from scheduler.request import Request
+from scheduler.request import Request, RequestStatus
 from . import pd
 from .messages import Recv, RequestSpec, Send, StepStats, TokenEvent
 from .detokenizer import IncrementalDetokenizer, check_stop
@@ -69,14 +69,14 @@ class RankWorker:
         batch = self.scheduler.schedule(budget)
         context = sum(attention_pairs(n, r.num_computed_tokens) for r, n in batch.items)
         logits, reqs = self.runner.run(batch)
-        sampled = {}
+        sampled, tokens = {}, []
         if reqs:
-            params = [self.live[r.request_id][1] for r in reqs]
-            tokens = self.sampler(logits, [r.request_id for r in reqs], params)
-            sampled = {r.request_id: t for r, t in zip(reqs, tokens)}
+            live = self.live
+            rids = [r.request_id for r in reqs]
+            tokens = self.sampler(logits, rids, [live[rid][1] for rid in rids])
+            sampled = dict(zip(rids, tokens))
         self.scheduler.update(batch, sampled)
-        now = time.time()
-        events = [self._finish_token(self.live[rid], tok, now) for rid, tok in sampled.items()]
+        events = self._finish_tokens(reqs, tokens, time.time())
         if self.role == "prefill":
             self._hand_off(events)
         dt = time.perf_counter() - t0
@@ -123,20 +123,29 @@ class RankWorker:
                 self.scheduler.detach(self.live[ev.request_id][0])
                 ev.handoff = True
 
-    def _finish_token(self, entry, token: int, now: float) -> TokenEvent:
-        req, params, detok = entry
-        delta = detok.add(token) if detok else ""
-        text = detok.text if detok else ""
-        reason, trimmed = check_stop(token, text, len(delta), params, self.eos_ids, req.num_output_tokens)
-        if req.is_finished:                  # the scheduler ended it ("length", model length limit)
-            reason = reason or req.finish_reason
-        elif reason is not None:
-            self.scheduler.finish(req, reason)
-        ev = TokenEvent(req.request_id, token, delta, reason, now)
-        if req.num_output_tokens == 1:
-            ev.cached_tokens = req.num_cached_tokens
-        if reason is not None:
-            ev.text = trimmed if detok else None
-            self.live.pop(req.request_id, None)
-            self.sampler.forget(req.request_id)
-        return ev
+    def _finish_tokens(self, reqs: list[Request], tokens: list[int], now: float) -> list[TokenEvent]:
+        """Each sampled token's text delta, stop check and event (one pass over the step's requests)."""
+        live, eos_ids, events = self.live, self.eos_ids, []
+        for req, token in zip(reqs, tokens):
+            rid = req.request_id
+            _, params, detok = live[rid]
+            if detok is not None:
+                delta = detok.add(token)
+                text = detok.text
+            else:
+                delta = text = ""
+            num_out = len(req.output_token_ids)
+            reason, trimmed = check_stop(token, text, len(delta), params, eos_ids, num_out)
+            if req.status is RequestStatus.FINISHED:   # the scheduler ended it ("length", model length)
+                reason = reason or req.finish_reason
+            elif reason is not None:
+                self.scheduler.finish(req, reason)
+            ev = TokenEvent(rid, token, delta, reason, now)
+            if num_out == 1:
+                ev.cached_tokens = req.num_cached_tokens
+            if reason is not None:
+                ev.text = trimmed if detok is not None else None
+                live.pop(rid, None)
+                self.sampler.forget(rid)
+            events.append(ev)
+        return events

@@ -4,6 +4,7 @@
 - `tokenizer.model`: sentencepiece.
 A folder with neither has no tokenizer: prompts must then be token ids.
 """
+import functools
 import json
 import os
 
@@ -18,7 +19,7 @@ class Tokenizer:
         return list(self._encode(text))
 
     def decode(self, ids) -> str:
-        return self._decode(list(ids))
+        return self._decode(ids if type(ids) is list else list(ids))   # no copy per streamed token
 
 
 def _special_ids(model_dir: str, token_to_id):
@@ -45,7 +46,7 @@ def load_tokenizer(model_dir: str) -> Tokenizer | None:
         t = HFTokenizer.from_file(hf)
         bos, eos = _special_ids(model_dir, t.token_to_id)
         return Tokenizer(lambda s: t.encode(s).ids,
-                         lambda ids: t.decode(ids, skip_special_tokens=True),
+                         functools.partial(t.decode, skip_special_tokens=True),
                          t.get_vocab_size(), bos, eos)
     if os.path.isfile(sp):
         import sentencepiece as spm

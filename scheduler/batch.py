@@ -72,24 +72,30 @@ class BatchScheduler:
         the running decodes is raised to them (a global plan gives at least that anyway)."""
         batch = ScheduledBatch()
         scheduled: set[Request] = set()
+        RUNNING = RequestStatus.RUNNING
+        # Running requests with exactly one token left (remaining_tokens, inlined: hot loop).
+        decodes = [r for r in self.running if r.status is RUNNING
+                   and len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens == 1]
         if budget is None:
             budget = self.max_num_batched_tokens
         elif budget < 0:
             raise ValueError(f"step budget must be >= 0, got {budget}")
         else:
-            decodes = sum(1 for r in self.running
-                          if r.status is RequestStatus.RUNNING and r.remaining_tokens == 1)
-            budget = max(decodes, min(int(budget), self.max_num_batched_tokens))
+            budget = max(len(decodes), min(int(budget), self.max_num_batched_tokens))
         # 1. Decodes. max_num_batched_tokens >= max_num_seqs, and a step budget is raised to the
         #    decodes, so the budget always covers them.
-        for req in list(self.running):
-            if req.status is RequestStatus.RUNNING and req.remaining_tokens == 1:
-                if self._reserve(req, 1, scheduled, batch):
-                    batch.items.append((req, 1))
-                    scheduled.add(req)
-                    budget -= 1
+        items, block_size = batch.items, self.block_manager.block_size
+        for req in decodes:
+            if req.status is not RUNNING:   # preempted by an earlier decode of this step
+                continue
+            # A slot left in its last block needs no allocation (what _reserve would find).
+            if req.num_computed_tokens < len(req.block_table) * block_size or \
+                    self._reserve(req, 1, scheduled, batch):
+                items.append((req, 1))
+                scheduled.add(req)
+                budget -= 1
         # 2. Partially prefilled requests continue before anyone new starts.
-        for req in list(self.running):
+        for req in (list(self.running) if len(scheduled) < len(self.running) else ()):
             if budget <= 0:
                 break
             if req.status is RequestStatus.RUNNING and req not in scheduled:
@@ -125,17 +131,24 @@ class BatchScheduler:
 
     def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Request]:
         finished = []
-        for req, n in batch.items:
-            if req.is_finished:   # finished (e.g. aborted) between schedule() and update()
+        FINISHED, max_len = RequestStatus.FINISHED, self._max_len
+        commit = self.block_manager.commit if self.block_manager.enable_prefix_caching else None
+        for req, n in batch.items:   # each request once, its derived values computed once
+            if req.status is FINISHED:   # finished (e.g. aborted) between schedule() and update()
                 continue
-            req.num_computed_tokens += n
-            self.block_manager.commit(req)
-            if req.num_computed_tokens < req.num_tokens:
+            computed = req.num_computed_tokens = req.num_computed_tokens + n
+            if commit is not None:
+                commit(req)
+            out = req.output_token_ids
+            num_tokens = len(req.prompt_token_ids) + len(out)
+            if computed < num_tokens:
                 continue          # a prefill chunk short of the end: no logits were sampled
-            if req.request_id not in sampled:
-                raise KeyError(f"request {req.request_id} reached its last token but no token was sampled")
-            req.output_token_ids.append(sampled[req.request_id])
-            if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self._max_len:
+            try:
+                out.append(sampled[req.request_id])
+            except KeyError:
+                raise KeyError(f"request {req.request_id} reached its last token but no token was sampled") \
+                    from None
+            if len(out) >= req.max_tokens or num_tokens + 1 >= max_len:
                 self.finish(req, "length")
                 finished.append(req)
         return finished
@@ -166,13 +179,18 @@ class BatchScheduler:
 
     def load(self, rank: int = 0) -> RankLoad:
         bm = self.block_manager
+        running_tokens, prefill_tokens = 0, sum(r.remaining_tokens for r in self.waiting)
+        for r in self.running:   # one pass; num_tokens and remaining_tokens inlined
+            n = len(r.prompt_token_ids) + len(r.output_token_ids)
+            running_tokens += n
+            if n - r.num_computed_tokens > 1:   # is_prefill
+                prefill_tokens += n - r.num_computed_tokens
         return RankLoad(
             rank=rank,
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            waiting_prefill_tokens=sum(r.remaining_tokens for r in self.waiting)
-            + sum(r.remaining_tokens for r in self.running if r.is_prefill),
-            running_tokens=sum(r.num_tokens for r in self.running),
+            waiting_prefill_tokens=prefill_tokens,
+            running_tokens=running_tokens,
             free_kv_blocks=bm.num_free_blocks,
             total_kv_blocks=bm.num_blocks,
             block_size=bm.block_size,
