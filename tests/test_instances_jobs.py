@@ -46,6 +46,13 @@ def _read_line(proc, prefix, timeout=60):
     raise AssertionError(f"no {prefix!r} line; output:\n{''.join(seen)[-3000:]}")
 
 
+def _kill_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("jobs")
@@ -124,10 +131,7 @@ def test_three_instances_one_killed_then_one_joins(ckpt):
             assert out.finish_reason == "length" and out.token_ids == ref[i] and out.metrics.rank == 3
         client.close()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        _kill_all(procs)
 
 
 def test_prefill_and_decode_instances_as_separate_jobs(ckpt):
@@ -155,7 +159,4 @@ def test_prefill_and_decode_instances_as_separate_jobs(ckpt):
             assert o.finish_reason == "length" and o.token_ids == ref[i][:8], (i, o.finish_reason)
         client.close()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        _kill_all(procs)
