@@ -173,9 +173,9 @@ class Coordinator:
                 ranks: list[int], instance: int = 0) -> list[RequestOutput]:
         changed = {}
         for rid in msg.aborts:
-            out = self.outputs[rid]
-            if out.finished:   # it finished on its own before the abort reached its rank
-                continue
+            out = self.outputs.get(rid)
+            if out is None or out.finished:   # it finished on its own before the abort reached its
+                continue                      # rank (and a server may have dropped its output since)
             out.finish_reason, out.new_token_ids = "abort", []
             out.metrics.finish_time = time.time()
             self._forget(rid)
@@ -283,7 +283,26 @@ class Coordinator:
         self.outputs.pop(request_id, None)
         self.seen.discard(request_id)
 
+    def mirror(self, out: RequestOutput) -> None:
+        """A follower rank (one instance under torchrun) takes the leader's output. It never plans, so
+        a finished request leaves every table here at once, its copy in the policy's buffer included;
+        only its output stays, for the caller to read and drop."""
+        rid = out.request_id
+        self.outputs[rid] = out
+        if out.finished:
+            self.policy.remove(rid)
+            if rid in self._aborts:
+                self._aborts.remove(rid)
+            self._forget(rid)
+
+    def take_steps(self) -> list[StepRecord]:
+        """Hand over the step records kept so far and forget them: a long-running server reads
+        them this way (offline runs may just read `steps`)."""
+        steps, self.steps = self.steps, []
+        return steps
+
     def step_metrics(self) -> dict:
+        """Over the step records held now (those take_steps() has not handed over)."""
         s = self.steps
         if not s:
             return {"steps": 0}

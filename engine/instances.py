@@ -400,10 +400,10 @@ class SchedulerServer(threading.Thread):
             if stream or out.finished:
                 try:
                     client.ch.send(out)
+                    if stream and out.new_token_ids:
+                        self.coordinator.seen.add(out.request_id)   # a client saw tokens: no restart
                 except ChannelError:
-                    continue
-                if stream and out.new_token_ids:
-                    self.coordinator.seen.add(out.request_id)   # a client saw tokens: no restart
+                    pass   # the client is gone (its requests are aborted): still forget a finished one
             if out.finished:
                 self._owner.pop(out.request_id, None)
                 client.streams.pop(out.request_id, None)

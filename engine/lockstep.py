@@ -69,7 +69,18 @@ class LLMEngine:
 
     @property
     def steps(self) -> list:
+        """Every step's record since the start (or the last take_steps())."""
         return self._registry().steps
+
+    def take_steps(self) -> list:
+        """Hand over the step records so far and forget them (a long-running server's way)."""
+        with self.lock:
+            return self._registry().take_steps()
+
+    def drop_output(self, request_id: str) -> None:
+        """Forget a finished request's output once it is handed out (a server runs for days). Like
+        `outputs`, from the thread that steps (with several instances: holding `lock`)."""
+        self._registry().drop_output(request_id)
 
     def step_metrics(self) -> dict:
         return self._registry().step_metrics()
@@ -109,9 +120,7 @@ class LLMEngine:
         self.stopped = msg.stop
         if self.single and not self.is_leader:
             for out in changed:   # mirror the leader's view, so every rank returns full outputs
-                self.coordinator.outputs[out.request_id] = out
-                if out.finished:
-                    self.coordinator.unfinished.discard(out.request_id)
+                self.coordinator.mirror(out)
         return changed
 
     def _boundary(self, gathered) -> tuple[StepPlanMsg, list[RequestOutput]]:

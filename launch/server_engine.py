@@ -71,6 +71,7 @@ class _Track:
     sent_text: int = 0
     first_seen: bool = False
     reason: str | None = None     # our own reason for an abort (timeout, shutdown)
+    quiet: bool = False           # cancelled as it came (a sibling was rejected): no client, no metrics
 
 
 @dataclass
@@ -100,10 +101,8 @@ class EngineLoop:
         self.last_step = time.time()   # /health: when the loop last advanced
         self.error: BaseException | None = None
         self._ids = 0
-        self._steps_seen = 0
         self._next_load = 0.0
         self._lock = threading.Lock()
-        self._finished: list[str] = []   # outputs to drop from the engine's registry
 
     # ---- called from the HTTP side (any thread) --------------------------------------------------
     def submit(self, choices: list[Choice]) -> concurrent.futures.Future:
@@ -195,7 +194,6 @@ class EngineLoop:
             if msg.step:
                 changed = eng.step()
                 self.last_step = time.time()
-                self._forget()
                 for out in changed:
                     tr = self.live.get(out.request_id)
                     if tr is not None:
@@ -233,24 +231,15 @@ class EngineLoop:
         eng.step()
         self.last_step = time.time()
         with eng.lock:
-            self._forget()
             for rid, tr in list(self.live.items()):
                 out = eng.outputs.get(rid)
                 if out is not None and (len(out.token_ids) > tr.sent_tokens or out.finished):
                     self._deliver(tr, out)
-            self._observe_steps()
+        self._observe_steps()
         if time.time() >= self._next_load and self.metrics is not None:
             self._next_load = time.time() + LOAD_EVERY_S
             self.metrics.observe_loads([eng.worker.load()], self._buffered())
         return True
-
-    def _forget(self) -> None:
-        """A server runs for days: drop finished outputs from the registry, one step late (an
-        abort planned in the step that finished a request still finds its output)."""
-        outputs = self.engine.outputs
-        for rid in self._finished:
-            outputs.pop(rid, None)
-        self._finished = []
 
     def _take(self, block: bool) -> list:
         items = []
@@ -283,8 +272,9 @@ class EngineLoop:
                 self._start(c)
                 added.append(c)
         except ValueError as e:
-            for c in added:
+            for c in added:   # tracked until their aborts finish (then dropped), no client sees them
                 self._cancel(c.request_id)
+                self.live[c.request_id] = _Track(c, 0, first_seen=True, reason="abort", quiet=True)
             msg.adds += [(c.prompt_ids, c.params, c.request_id, c.arrival) for c in added]
             msg.aborts += [c.request_id for c in added]
             self._unpend(len(choices))
@@ -329,25 +319,29 @@ class EngineLoop:
             reason = tr.reason
         d = Delta(tr.choice.index, delta, toks, reason, len(out.prompt_token_ids), len(out.token_ids),
                   out.num_cached_tokens)
-        if out.finished:
+        if out.finished:   # a server runs for days: nothing of a finished request stays
             del self.live[out.request_id]
-            self._finished.append(out.request_id)
-            if self.metrics is not None:
+            self._drop(out.request_id)
+            if self.metrics is not None and not tr.quiet:
                 self.metrics.observe_finished(out, reason)
         self._send(tr, d)
 
     def _send(self, tr: _Track, d: Delta) -> None:
+        if tr.quiet:
+            return
         try:
             tr.choice.sink(d)
         except RuntimeError:   # the client's event loop is gone (server shutting down)
             pass
 
+    def _drop(self, rid: str) -> None:
+        self.engine.drop_output(rid)
+
     def _observe_steps(self) -> None:
-        steps = self.engine.steps
-        if self.metrics is not None:
-            for rec in steps[self._steps_seen:]:
+        """Take the engine's step records (so they do not pile up) into the step metrics."""
+        for rec in self.engine.take_steps():
+            if self.metrics is not None:
                 self.metrics.observe_step(rec)
-        self._steps_seen = len(steps)
 
 
 class SchedulerLoop(EngineLoop):
@@ -380,6 +374,9 @@ class SchedulerLoop(EngineLoop):
     def _cancel(self, rid: str) -> None:
         self.server.abort(rid)
 
+    def _drop(self, rid: str) -> None:
+        pass   # the scheduler drops a finished output itself once it has delivered it
+
     def _run(self) -> None:
         server = self.server
         while True:
@@ -393,17 +390,15 @@ class SchedulerLoop(EngineLoop):
                         self._abort(rid, None, msg)
                 elif kind == "output" and (tr := self.live.get(payload.request_id)) is not None:
                     self._deliver(tr, payload)
-            self._finished.clear()   # the scheduler drops finished outputs itself
             now = time.time()
             self._expire(now, msg)
             # /health's stall rule: with work waiting, some instance must keep reporting steps
             self.last_step = now if not self.live else max(self.last_step, server.last_report)
-            if self.metrics is not None:
-                self._observe_steps()
-                if now >= self._next_load:
-                    self._next_load = now + LOAD_EVERY_S
-                    self.metrics.instances.set(server.live_instances())
-                    self.metrics.observe_loads(server.loads(), self._buffered())
+            self._observe_steps()
+            if self.metrics is not None and now >= self._next_load:
+                self._next_load = now + LOAD_EVERY_S
+                self.metrics.instances.set(server.live_instances())
+                self.metrics.observe_loads(server.loads(), self._buffered())
             if self._stop.is_set() and not self.live:
                 return
 
@@ -415,10 +410,10 @@ class SchedulerLoop(EngineLoop):
 
     def _observe_steps(self) -> None:
         with self.server.lock:
-            new = self.server.coordinator.steps[self._steps_seen:]
-        self._steps_seen += len(new)
+            new = self.server.coordinator.take_steps()
         for rec in new:
-            self.metrics.observe_step(rec)
+            if self.metrics is not None:
+                self.metrics.observe_step(rec)
 
 
 def follow(llm) -> None:
@@ -442,5 +437,5 @@ def follow(llm) -> None:
             return
         if msg.step:
             for out in eng.step():
-                if out.finished:
-                    eng.outputs.pop(out.request_id, None)
+                if out.finished:   # nobody reads outputs here: the leader answers the clients
+                    eng.drop_output(out.request_id)

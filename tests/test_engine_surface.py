@@ -94,7 +94,7 @@ def test_a_rank_without_a_coordinator_says_so(tiny):
     llm = LLM(tiny)
     eng = LLMEngine(llm.engine.worker, None, several=True)
     for call in (lambda: eng.add_request([1, 2]), lambda: eng.abort("x"), lambda: eng.outputs,
-                 lambda: eng.step_metrics(), lambda: eng.steps):
+                 lambda: eng.step_metrics(), lambda: eng.steps, lambda: eng.take_steps()):
         with pytest.raises(RuntimeError, match="rank 0 holds no coordinator"):
             call()
     eng.request_rebalance()   # under torchrun rank 0's call covers every instance: no error here

@@ -3,6 +3,7 @@ import time
 
 import pytest
 
+from engine.channel import ChannelError
 from engine.config import EngineConfig
 from engine.coordinator import Coordinator
 from engine.distributed import RankFailure
@@ -175,4 +176,23 @@ def test_registration_is_checked():
         leader(server, local_ranks=[0, 1, 2])
     with pytest.raises(RankFailure, match="refused"):
         RemoteCoordinator(server.address, b"not-the-secret-at-all-000", [0], timeout_s=5)
+    server.close()
+
+
+def test_the_finished_request_of_a_client_that_is_gone_is_forgotten():
+    """Its output cannot be sent (the channel is gone): the service still forgets it."""
+    coord, server = serve("immediate-rr", capacity=1)
+    a = leader(server)
+
+    def gone(out):
+        raise ChannelError("connection lost")
+    client = server.local_client(gone)
+    rid = server.submit(client, [5, 6, 7], SamplingParams(temperature=0, max_tokens=1), stream=True)
+    specs = [s for v in a.plan([load(0)], [0], 0).assignments.values() for s in v]
+    assert [s.request_id for s in specs] == [rid]
+    run_step(a, specs, 40, finish=True)
+    a.plan([load(0)], [0], 0)   # its report was served before this plan
+    with server.lock:
+        assert coord.outputs == {} and server._owner == {} and client.streams == {} and not coord.seen
+    a.close()
     server.close()
