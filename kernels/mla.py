@@ -37,52 +37,62 @@ def _causal_attend(q, k, v, scale):
     return torch.einsum("hls,shd->lhd", p, v.float().expand(S, q.shape[1], -1)).to(q.dtype)
 
 
+def _decode_groups(block_table, seq_lens, query_start_loc, bs, dev):
+    """Query tokens grouped by how many cache blocks their sequence spans (built once per step,
+    shared by every layer): each group pads its keys only to its own width, not the longest
+    sequence's, so neither the copy of the cache rows nor the attention math pays for padding."""
+    by_width: dict[int, list[int]] = {}
+    for b, n in enumerate(seq_lens):
+        if query_start_loc[b + 1] > query_start_loc[b]:
+            by_width.setdefault(-(-n // bs), []).append(b)
+    groups = []
+    for width, seqs in by_width.items():
+        counts = [query_start_loc[b + 1] - query_start_loc[b] for b in seqs]
+        rows = [t for b in seqs for t in range(query_start_loc[b], query_start_loc[b + 1])]
+        # query row -> its sequence within the group (None: one query per sequence, no repeats)
+        seq_of = None if all(c == 1 for c in counts) else torch.tensor(
+            [i for i, c in enumerate(counts) for _ in range(c)], device=dev)
+        # position of each query token: it sees keys 0 .. pos (causal within its sequence)
+        pos = torch.tensor([seq_lens[b] - c + j for b, c in zip(seqs, counts) for j in range(c)], device=dev)
+        hidden = (torch.arange(width * bs, device=dev)[None, :] > pos[:, None])[:, None, :]
+        bias = torch.zeros(len(rows), 1, width * bs, device=dev).masked_fill_(hidden, float("-inf"))
+        idx = block_table[seqs, :width].long().flatten()
+        groups.append((torch.tensor(rows, device=dev), len(seqs), idx, seq_of, bias))
+    return groups
+
+
 def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: list[int], query_start_loc: list[int], scale: float,
                      kv_lora_rank: int, cache: dict | None = None) -> torch.Tensor:
     """q [T, H, Dl + Dr] (absorbed) -> out [T, H, Dl].
 
-    Vectorized over the batch: each query token gathers its sequence's block rows (padded to the
-    longest sequence) and masks keys past its own position."""
+    Batched per group of sequences that span the same number of cache blocks: each query token
+    attends over its sequence's block rows and masks keys past its own position."""
     T = q.shape[0]
+    out = q.new_zeros(T, q.shape[1], kv_lora_rank)
     if T == 0:
-        return q.new_empty(0, q.shape[1], kv_lora_rank)
-    dev = q.device
-    key = ("mla_decode_index", dev)
-    if cache is not None and key in cache:
-        idx, seq_of, bias = cache[key]
-    else:   # the same for every layer of a step: built once
-        counts = torch.tensor([query_start_loc[b + 1] - query_start_loc[b] for b in range(len(seq_lens))],
-                              device=dev)
-        seq_of = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), counts)
-        lens = torch.tensor(seq_lens, device=dev)
-        starts = torch.tensor(query_start_loc[:-1], device=dev)
-        pos = lens[seq_of] - counts[seq_of] + (torch.arange(T, device=dev) - starts[seq_of])   # [T]
-        if T == len(seq_lens) and bool(counts.eq(1).all()):
-            seq_of = None                    # one query per sequence: no row repeats
-        bs = kv_cache.shape[1]
-        width = -(-max(seq_lens) // bs)
-        idx = block_table[:, :width].long()
-        # additive mask: 0 where a query sees the key, -inf past its own position
-        hidden = torch.arange(width * bs, device=dev)[None, :] > pos[:, None]
-        bias = torch.zeros(T, 1, width * bs, device=dev).masked_fill_(hidden[:, None, :], float("-inf"))
+        return out
+    key = ("mla_decode_groups", q.device)
+    groups = cache.get(key) if cache is not None else None
+    if groups is None:
+        groups = _decode_groups(block_table, seq_lens, query_start_loc, kv_cache.shape[1], q.device)
         if cache is not None:
-            cache[key] = (idx, seq_of, bias)
-    # one flat row copy per block (index_select is a plain memcpy per row; 2-D advanced indexing
-    # of the 3-D cache is several times slower on CPU)
-    B, width = idx.shape
-    rows = kv_cache.index_select(0, idx.flatten()).view(B, width * kv_cache.shape[1], -1)   # [B, S, D]
-    kv = rows if seq_of is None else rows[seq_of]                # [T, S, D]
+            cache[key] = groups
     # fp32 math, except a bf16 query over a bf16 cache: read as is (bf16 GEMMs accumulate in fp32;
-    # a cast would copy the whole padded context again), softmax in fp32
-    bf16 = q.dtype == kv.dtype == torch.bfloat16
-    cdt = torch.bfloat16 if bf16 else torch.float32
-    kv = kv.to(cdt)
-    scores = torch.baddbmm(bias.to(cdt).expand(-1, q.shape[1], -1), q.to(cdt), kv.transpose(1, 2),
-                           alpha=scale)
-    # p @ all D columns, then keep the latent ones: cheaper than multiplying by a strided slice
-    p = scores.softmax(-1, dtype=torch.float32).to(cdt)
-    return torch.matmul(p, kv)[..., :kv_lora_rank].to(q.dtype)
+    # a cast would copy the context again), softmax in fp32
+    cdt = torch.bfloat16 if q.dtype == kv_cache.dtype == torch.bfloat16 else torch.float32
+    for rows, nseq, idx, seq_of, bias in groups:
+        # one flat row copy per block (index_select is a plain memcpy per row; 2-D advanced
+        # indexing of the 3-D cache is several times slower on CPU)
+        kv = kv_cache.index_select(0, idx).view(nseq, -1, kv_cache.shape[-1]).to(cdt)   # [B, S, D]
+        if seq_of is not None:
+            kv = kv[seq_of]                                                             # [Tg, S, D]
+        qg = q.index_select(0, rows).to(cdt)
+        scores = torch.baddbmm(bias.to(cdt).expand(-1, q.shape[1], -1), qg, kv.transpose(1, 2), alpha=scale)
+        # p @ all D columns, then keep the latent ones: cheaper than multiplying by a strided slice
+        p = scores.softmax(-1, dtype=torch.float32).to(cdt)
+        out.index_copy_(0, rows, torch.matmul(p, kv)[..., :kv_lora_rank].to(q.dtype))
+    return out
 
 
 def prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
