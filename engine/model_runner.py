@@ -169,7 +169,6 @@ class StaticDecode:
     def run(self, model, batch, mla_path):
         """-> (logits of the batch's rows, their requests). Replayed logits are a view of the graph's
         output: valid until the next step."""
-        from scheduler.block_manager import slots as token_slots
         items = batch.items
         b = len(items)
         nb = self.bucket(b)
