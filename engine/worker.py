@@ -104,7 +104,7 @@ class RankWorker:
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         if detok:
             detok.add(recv.first_token)   # its text was already streamed by the prefill rank
-        self.sampler.skip(spec.request_id, spec.params, self.runner.model.cfg.vocab_size)
+        self.sampler.skip(spec.request_id, spec.params)
 
         def arrived(rows):
             pd.scatter_rows(self.runner.kv_caches, req.block_table, rows)
