@@ -242,7 +242,6 @@ class Simulator:
             if c + n >= req.num_tokens:
                 w.sampled += 1
             if n == 1 and c == req.num_tokens - 1 and req.output_token_ids:   # a decode
-                w.decode_seqs += 1
                 w.decode_ctx += c + 1
             else:
                 w.prefill_tokens += n
