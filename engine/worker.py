@@ -82,7 +82,7 @@ class RankWorker:
         dt = time.perf_counter() - t0
         self.num_preempted += len(batch.preempted)
         self.scheduler.last_step_time_s = dt
-        stats = StepStats(self.rank, batch.num_tokens, len(batch.items), dt, len(batch.preempted), context)
+        stats = StepStats(self.rank, batch.num_tokens, dt, len(batch.preempted), context)
         return events, stats
 
     # ---- P/D separation ----------------------------------------------------------------------
