@@ -53,12 +53,10 @@ class RankWorker:
             self.scheduler.block_manager.free(req)
         self.sampler.forget(request_id)
 
-    def rebalance(self) -> dict | None:
-        if self.balancer is None:
-            return None
-        report = self.balancer.rebalance()
-        self.runner.drop_graphs()   # expert weights moved: captured graphs point at the old ones
-        return report
+    def rebalance(self) -> None:
+        if self.balancer is not None:
+            self.balancer.rebalance()
+            self.runner.drop_graphs()   # expert weights moved: captured graphs point at the old ones
 
     def load(self):
         return self.scheduler.load(self.rank)
