@@ -128,9 +128,10 @@ class Coordinator:
             self._instance_of[r] = instance
         decode = ranks[0] >= self.prefill_ranks
         if not admit:
-            msg = StepPlanMsg(sends={r: self._sends.pop(r) for r in ranks if self._sends.get(r)})
+            msg = StepPlanMsg()
         else:
-            msg = self._plan_decode(now, loads) if decode else self._plan_prefill(now, loads, ranks)
+            msg = self._plan_decode(now, loads) if decode else self._plan_prefill(now, loads)
+        msg.sends = {r: self._sends.pop(r) for r in ranks if self._sends.get(r)}   # prefill ranks' KV
         msg.aborts = [r for r in self._aborts if self._where.get(r, ranks[0]) in ranks]   # rankless: anywhere
         self._aborts = [r for r in self._aborts if r not in msg.aborts]
         every, n = self.cfg.eplb_interval_steps, self._steps_of.get(instance, 0)   # this instance's steps
@@ -140,7 +141,7 @@ class Coordinator:
         msg.stop = self.closed and not self.unfinished
         return msg
 
-    def _plan_prefill(self, now, loads, ranks) -> StepPlanMsg:
+    def _plan_prefill(self, now, loads) -> StepPlanMsg:
         plan = self.policy.plan(now, loads)
         msg = StepPlanMsg(budgets=plan.budgets)
         for rank, reqs in plan.assignments.items():
@@ -149,9 +150,6 @@ class Coordinator:
                 m.release_time, m.rank = now, rank
                 self._where[r.request_id] = rank
             msg.assignments[rank] = [self._specs[r.request_id] for r in reqs]
-        for r in ranks:
-            if self._sends.get(r):
-                msg.sends[r] = self._sends.pop(r)
         return msg
 
     def _plan_decode(self, now, loads) -> StepPlanMsg:

@@ -109,8 +109,8 @@ class TorchAllToAll(_Exchange):
         out = out.view(t.dtype) if t.dtype == torch.float8_e4m3fn else out
         return (out, work) if async_op else out
 
-    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """-> ([received tokens [M, H], local slot ids [M, k] (-1: not here), weights [M, k]],
+    def _begin(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """Dispatch -> ([received tokens [M, H], local slot ids [M, k] (-1: not here), weights [M, k]],
         works to wait on before using them, handle)."""
         T = topk_ids.shape[0]
         W, S = self.placement.world_size, self.placement.slots_per_rank
@@ -135,11 +135,9 @@ class TorchAllToAll(_Exchange):
         handle = DispatchHandle(token, rank, send_counts, recv_counts, T)
         return [out for out, _ in sent], [work for _, work in sent], handle
 
-    def combine(self, y: torch.Tensor, h: DispatchHandle) -> torch.Tensor:
+    def _combine(self, started, y):
         """Partial sums (already weighted) back to their tokens, summed over ranks."""
-        return self._combine_async(y, h)()
-
-    def _combine_async(self, y, h):
+        h = started[2]
         back, work = self._a2a(y, h.send_counts, h.recv_counts, async_op=True)
 
         def done():
@@ -149,17 +147,11 @@ class TorchAllToAll(_Exchange):
             return per_rank.sum(1)
         return done
 
-    def _begin(self, x, topk_ids, topk_weights):
-        return self.dispatch(x, topk_ids, topk_weights)
-
     def _compute(self, started, experts):
         (rx, rid, rw), works, _ = started
         for w in works:
             w.wait()
         return experts.compute(rx, rid, rw)
-
-    def _combine(self, started, y):
-        return self._combine_async(y, started[2])
 
 
 # ---- DeepEP -------------------------------------------------------------------------------------
@@ -310,16 +302,13 @@ class DeepEPAllToAll(_Exchange):
         buf = self.comm.buffer
         if s[0] == "normal":
             out, _, event = buf.combine(y.contiguous(), s[4], async_finish=True)
-
-            def finished():
-                event.current_stream_wait()
-                return out
-            return finished
-        _, _, _, handle, _, phys, weights, _ = s
-        out, _, hook = buf.low_latency_combine(y, phys.contiguous(), weights, handle, return_recv_hook=True)
+            wait = event.current_stream_wait
+        else:
+            _, _, _, handle, _, phys, w, _ = s
+            out, _, wait = buf.low_latency_combine(y, phys.contiguous(), w, handle, return_recv_hook=True)
 
         def done():
-            hook()
+            wait()
             return out
         return done
 

@@ -68,7 +68,7 @@ class ExpertBalancer:
             for s, e in enumerate(old.slots[r]):
                 holders.setdefault(e, (r, s))
         me, mine = self.rank, {e: s for s, e in reversed(list(enumerate(old.slots[self.rank])))}
-        send13, send2, send_counts, recv_counts, incoming = [], [], [], [], []
+        send13, send2, send_counts, incoming = [], [], [], []
         for d in range(self.world):
             theirs = set(old.slots[d])
             n_send = 0
@@ -83,8 +83,7 @@ class ExpertBalancer:
                 if d == me:
                     incoming.append((src, s))
             send_counts.append(n_send)
-        for src in range(self.world):
-            recv_counts.append(sum(1 for r, _ in incoming if r == src))
+        recv_counts = [sum(1 for r, _ in incoming if r == src) for src in range(self.world)]
         recv13 = _exchange(send13, ex.w13, send_counts, recv_counts, self.world, self.group)
         recv2 = _exchange(send2, ex.w2, send_counts, recv_counts, self.world, self.group)
         w13 = torch.empty(len(new.slots[me]), *ex.w13.shape[1:], dtype=ex.w13.dtype, device=ex.w13.device)

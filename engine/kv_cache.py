@@ -2,17 +2,13 @@
 import torch
 
 
-def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return model_cfg.num_hidden_layers * block_size * model_cfg.kv_cache_dim * elem
-
-
 def plan_num_blocks(model_cfg, cfg, max_model_len: int, dtype, device) -> int:
     """Blocks per rank: the explicit option, else what memory allows (after the weights are
     loaded on CUDA; a fixed budget on CPU), never more than max_num_seqs full-length sequences."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
-    per_block = bytes_per_block(model_cfg, cfg.kv_block_size, dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_block = model_cfg.num_hidden_layers * cfg.kv_block_size * model_cfg.kv_cache_dim * elem
     useful = cfg.max_num_seqs * -(-max_model_len // cfg.kv_block_size)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()   # cached blocks freed by the load (casts, fp8 swaps) count as free

@@ -39,7 +39,6 @@ class StepStats:
     """What one rank's step computed, rank -> coordinator (the global scheduler's cost model)."""
     rank: int
     num_tokens: int
-    num_seqs: int
     step_time_s: float
     num_preempted: int
     context: float = 0.0      # attention query-key pairs (scheduler.allocation.attention_pairs)

@@ -163,16 +163,12 @@ class StaticDecode:
         return (0 < len(items) <= self.max_batch
                 and all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in items))
 
-    def bucket(self, b: int) -> int:
-        return next(x for x in self.BUCKETS if x >= b)
-
     def run(self, model, batch, mla_path):
         """-> (logits of the batch's rows, their requests). Replayed logits are a view of the graph's
         output: valid until the next step."""
-        from scheduler.block_manager import slots as token_slots
         items = batch.items
         b = len(items)
-        nb = self.bucket(b)
+        nb = next(x for x in self.BUCKETS if x >= b)   # the padded batch size
         ids, pos, slots, lens, rows = [], [], [], [], []
         for req, _ in items:
             start = req.num_computed_tokens

@@ -55,8 +55,9 @@ _M32 = 0xFFFFFFFF
 TOPK_CAP = 1024   # rows that all ask for top_k <= this sample among topk() candidates, not a sort
 
 
-def _mix32(x: int) -> int:
-    """A 32-bit integer hash (host side, for per-request stream keys)."""
+def _mix32(x):
+    """A 32-bit integer hash of a host int (per-request stream keys) or, elementwise, of an int64
+    tensor. Values stay below 2**32 and constants below 2**31, so no int64 product overflows."""
     x &= _M32
     x ^= x >> 16
     x = (x * 0x7FEB352D) & _M32
@@ -67,14 +68,8 @@ def _mix32(x: int) -> int:
 
 def _uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Counter-based noise in (0, 1): a hash of (row key, token id), so a request's draw depends only
-    on its seed, its draw count and the token, never on its row or on the rest of the batch. Values
-    stay below 2**32 and constants below 2**31, so no int64 product overflows."""
-    x = (keys[:, None] + token_ids * 0x9E3779B1) & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _M32
-    x = x ^ (x >> 16)
+    on its seed, its draw count and the token, never on its row or on the rest of the batch."""
+    x = _mix32(keys[:, None] + token_ids * 0x9E3779B1)
     return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -101,7 +96,7 @@ class Sampler:
             st = self.streams[request_id] = [_mix32(seed ^ (seed >> 32)) ^ _mix32(seed >> 31), 0]
         return st
 
-    def skip(self, request_id: str, p: SamplingParams, vocab: int | None = None) -> None:
+    def skip(self, request_id: str, p: SamplingParams) -> None:
         """Advance a seeded request's stream past one draw (its first token was sampled on another
         rank), so its later tokens equal those of an unseparated run."""
         if p.seed is not None and not p.greedy:

@@ -53,12 +53,10 @@ class RankWorker:
             self.scheduler.block_manager.free(req)
         self.sampler.forget(request_id)
 
-    def rebalance(self) -> dict | None:
-        if self.balancer is None:
-            return None
-        report = self.balancer.rebalance()
-        self.runner.drop_graphs()   # expert weights moved: captured graphs point at the old ones
-        return report
+    def rebalance(self) -> None:
+        if self.balancer is not None:
+            self.balancer.rebalance()
+            self.runner.drop_graphs()   # expert weights moved: captured graphs point at the old ones
 
     def load(self):
         return self.scheduler.load(self.rank)
@@ -82,7 +80,7 @@ class RankWorker:
         dt = time.perf_counter() - t0
         self.num_preempted += len(batch.preempted)
         self.scheduler.last_step_time_s = dt
-        stats = StepStats(self.rank, batch.num_tokens, len(batch.items), dt, len(batch.preempted), context)
+        stats = StepStats(self.rank, batch.num_tokens, dt, len(batch.preempted), context)
         return events, stats
 
     # ---- P/D separation ----------------------------------------------------------------------
@@ -104,7 +102,7 @@ class RankWorker:
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         if detok:
             detok.add(recv.first_token)   # its text was already streamed by the prefill rank
-        self.sampler.skip(spec.request_id, spec.params, self.runner.model.cfg.vocab_size)
+        self.sampler.skip(spec.request_id, spec.params)
 
         def arrived(rows):
             pd.scatter_rows(self.runner.kv_caches, req.block_table, rows)

@@ -22,30 +22,27 @@ def dequant_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128
     return (w.float() * _expand_blocks(scale_inv.float(), w.shape, block)).to(dtype)
 
 
-def quant_block_fp8(w: torch.Tensor, block: int = 128):
-    """Quantize a 2-D weight per block so each block's absmax maps to FP8_MAX."""
+def _quant(w: torch.Tensor, rows: int, cols: int):
+    """Quantize a 2-D tensor per rows x cols block so each block's absmax maps to FP8_MAX
+    -> (fp8 of the same shape, fp32 scales [ceil(N/rows), ceil(K/cols)])."""
     n, k = w.shape
-    nb, kb = -(-n // block), -(-k // block)
-    pad = torch.zeros(nb * block, kb * block, dtype=torch.float32, device=w.device)
+    nb, kb = -(-n // rows), -(-k // cols)
+    pad = torch.zeros(nb * rows, kb * cols, dtype=torch.float32, device=w.device)
     pad[:n, :k] = w.float()
-    blocks = pad.view(nb, block, kb, block)
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale_inv = amax / FP8_MAX
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    q = q.view(nb * block, kb * block)[:n, :k].to(FP8)
-    return q.contiguous(), scale_inv.contiguous()
+    blocks = pad.view(nb, rows, kb, cols)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    return q.view(nb * rows, kb * cols)[:n, :k].to(FP8).contiguous(), scale.contiguous()
+
+
+def quant_block_fp8(w: torch.Tensor, block: int = 128):
+    """Weight [N, K] -> (fp8 [N, K], fp32 scale_inv [ceil(N/block), ceil(K/block)])."""
+    return _quant(w, block, block)
 
 
 def per_token_group_quant_fp8_torch(x: torch.Tensor, group: int = 128):
     """Activations [M, K] -> (fp8 [M, K], fp32 scales [M, ceil(K/group)])."""
-    m, k = x.shape
-    kb = -(-k // group)
-    pad = torch.zeros(m, kb * group, dtype=torch.float32, device=x.device)
-    pad[:, :k] = x.float()
-    g = pad.view(m, kb, group)
-    scale = g.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
-    q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(m, kb * group)[:, :k].to(FP8)
-    return q.contiguous(), scale
+    return _quant(x, 1, group)
 
 
 def fp8_block_gemm_torch(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor,

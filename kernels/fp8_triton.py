@@ -123,10 +123,6 @@ def _fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def fp8_gemm_config(m: int) -> dict:
-    return get_config("fp8_gemm", bucket(m, (16, 64, 256), "m"))
-
-
 def fp8_block_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.Tensor,
                           block: int = 128, out_dtype: torch.dtype | None = None,
                           x_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,7 +142,7 @@ def fp8_block_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale_inv: torch.T
     m = xq.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m and n:
-        cfg = fp8_gemm_config(m)
+        cfg = get_config("fp8_gemm", bucket(m, (16, 64, 256), "m"))
         assert block % cfg["BLOCK_K"] == 0, "a K step must stay inside one scale block"
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _fp8_block_gemm_kernel[grid](

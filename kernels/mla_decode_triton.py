@@ -160,10 +160,6 @@ def _step_ints(cache, key, values, dev) -> torch.Tensor:
     return t
 
 
-def mla_decode_config(max_rows: int) -> dict:
-    return get_config("mla_decode", bucket(max_rows, (16, 32), "rows"))
-
-
 def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens, query_start_loc, scale: float, kv_lora_rank: int,
                       *, num_kv_splits: int | None = None, cache: dict | None = None) -> torch.Tensor:
@@ -187,7 +183,7 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     qsl_t = _step_ints(cache, "query_start_loc_i32", qsl, dev)
     max_q = max(qsl[i + 1] - qsl[i] for i in range(n_seqs))
     max_rows = max_q * n_heads
-    cfg = mla_decode_config(max_rows)
+    cfg = get_config("mla_decode", bucket(max_rows, (16, 32), "rows"))
     block_m = cfg["BLOCK_M"]
     row_tiles = triton.cdiv(max_rows, block_m)
 

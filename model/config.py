@@ -61,7 +61,6 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    num_mtp_layers: int = 0
     fp8_block: tuple[int, int] | None = None   # set for FP8 block-quantized checkpoints
 
     @property
@@ -168,7 +167,6 @@ def parse_config(raw: dict) -> ModelConfig:
         attention_bias=bool(raw.get("attention_bias", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos,
-        num_mtp_layers=int(raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0),
         fp8_block=fp8_block,
     )
     validate(cfg)

@@ -6,6 +6,7 @@ Face checkpoints, so loading is a name-for-name copy (experts are stacked, see `
 """
 import math
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,6 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
         self.weight = _param(out_features, in_features)
         self.bias = _param(out_features) if bias else None
         self.weight_scale_inv = None
@@ -226,9 +226,7 @@ class MLA(nn.Module):
         k_pe = ctx[:, None, c.kv_lora_rank:].expand(-1, H, -1)
         k = torch.cat([k_nope, k_pe], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        cu_k = [0]
-        for s in meta.seq_lens:
-            cu_k.append(cu_k[-1] + s)
+        cu_k = [0, *accumulate(meta.seq_lens)]
         return ops.prefill_attention(q, k, v.contiguous(), meta.query_start_loc, cu_k, self.scale,
                                      backend=self.backend)
 

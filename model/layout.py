@@ -64,7 +64,3 @@ def checkpoint_shapes(cfg: ModelConfig):
     yield "model.norm.weight", (cfg.hidden_size,)
     if not cfg.tie_word_embeddings:
         yield "lm_head.weight", (cfg.vocab_size, cfg.hidden_size)
-
-
-def scale_shape(shape, block) -> tuple[int, int]:
-    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))

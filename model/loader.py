@@ -100,7 +100,7 @@ def load_weights(model: DeepseekForCausalLM, model_dir: str, keep_fp8: bool = Fa
             continue  # the MTP (next-token prediction) layer: not used for plain decoding
         e = EXPERT_RE.match(name)
         if e:
-            _load_expert(model, reader, name, e, keep_fp8, loaded)
+            _load_expert(model, reader, name, e, keep_fp8)
             continue
         if name not in params:
             raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint (not part of a "
@@ -172,7 +172,7 @@ def _load_dense(model, modules, param, reader, name, keep_fp8):
         param.copy_(t)
 
 
-def _load_expert(model, reader, name, match, keep_fp8, loaded):
+def _load_expert(model, reader, name, match, keep_fp8):
     layer, expert, proj, kind = int(match.group(1)), int(match.group(2)), match.group(3), match.group(4)
     if kind != "weight":
         return

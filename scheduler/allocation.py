@@ -198,16 +198,13 @@ def _place(req, pool, cost, block_size, hits) -> int | None:
 
 
 # ---- decode: IQR exclusion, then fewest sequences, then lowest KV use ----------------------------------
-def quartiles(values: list[float]) -> tuple[float, float]:
-    """First and third quartiles, linear interpolation between order statistics."""
+def quantile(values: list[float], p: float) -> float:
+    """The p-quantile (p in [0, 1]) of non-empty `values`, interpolating between order statistics."""
     xs = sorted(values)
-
-    def q(p):
-        pos = p * (len(xs) - 1)
-        lo = int(pos)
-        hi = min(lo + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-    return q(0.25), q(0.75)
+    pos = p * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def iqr_outliers(values: list[float], k: float = 1.5, min_gap: float = 0.05) -> set[int]:
@@ -215,7 +212,7 @@ def iqr_outliers(values: list[float], k: float = 1.5, min_gap: float = 0.05) -> 
     with unusually full KV); fewer than 4 values give no outliers."""
     if len(values) < 4:
         return set()
-    q1, q3 = quartiles(values)
+    q1, q3 = quantile(values, 0.25), quantile(values, 0.75)
     bound = q3 + max(k * (q3 - q1), min_gap)
     return {i for i, v in enumerate(values) if v > bound}
 

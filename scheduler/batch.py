@@ -183,7 +183,7 @@ class BatchScheduler:
         for r in self.running:   # one pass; num_tokens and remaining_tokens inlined
             n = len(r.prompt_token_ids) + len(r.output_token_ids)
             running_tokens += n
-            if n - r.num_computed_tokens > 1:   # is_prefill
+            if n - r.num_computed_tokens > 1:   # a prefill (a decode has one token left)
                 prefill_tokens += n - r.num_computed_tokens
         return RankLoad(
             rank=rank,

@@ -64,19 +64,25 @@ class BlockManager:
         return max(0, capacity - req.num_computed_tokens)
 
     # ---- allocation --------------------------------------------------------------------------
-    def allocate_prefix(self, req: Request) -> int:
-        """Attach cached blocks matching the head of req's tokens; returns the hit token count."""
-        assert not req.block_table and req.num_computed_tokens == 0, "allocate_prefix on a fresh request only"
-        hits = 0
+    def cached_blocks(self, req: Request) -> list[int]:
+        """The cached blocks matching the head of req's tokens (a read-only lookup)."""
+        found = []
         if self.enable_prefix_caching:
             # Stop one token short of the end: the model must compute >= 1 token to produce logits.
             for chunk, h in hashed_blocks(req.all_token_ids, self.block_size):
                 block_id = self.hash_to_block.get(h)
                 if block_id is None or self.blocks[block_id].token_ids != chunk:
                     break
-                self._ref(block_id)
-                req.block_table.append(block_id)
-                hits += self.block_size
+                found.append(block_id)
+        return found
+
+    def allocate_prefix(self, req: Request) -> int:
+        """Attach cached blocks matching the head of req's tokens; returns the hit token count."""
+        assert not req.block_table and req.num_computed_tokens == 0, "allocate_prefix on a fresh request only"
+        req.block_table = self.cached_blocks(req)
+        for block_id in req.block_table:
+            self._ref(block_id)
+        hits = len(req.block_table) * self.block_size
         req.num_computed_tokens = req.num_cached_tokens = hits
         return hits
 

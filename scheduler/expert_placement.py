@@ -36,13 +36,17 @@ class Placement:
         return out
 
 
-def default_placement(num_experts: int, world_size: int, num_redundant: int = 0) -> Placement:
-    """Contiguous ranges; redundant slots copy experts round robin (no load known yet)."""
+def _slots_per_rank(num_experts: int, world_size: int, num_redundant: int) -> int:
     total = num_experts + num_redundant
     if total % world_size:
         raise ValueError(f"num_experts + num_redundant_experts = {total} must divide evenly over "
                          f"{world_size} ranks")
-    per = total // world_size
+    return total // world_size
+
+
+def default_placement(num_experts: int, world_size: int, num_redundant: int = 0) -> Placement:
+    """Contiguous ranges; redundant slots copy experts round robin (no load known yet)."""
+    per = _slots_per_rank(num_experts, world_size, num_redundant)
     order = list(range(num_experts)) + [i % num_experts for i in range(num_redundant)]
     return Placement([order[r * per:(r + 1) * per] for r in range(world_size)])
 
@@ -66,11 +70,7 @@ def plan(load: list[float], world_size: int, num_redundant: int = 0, *,
     """New placement for one layer. `coactivation[a][b]`: tokens that chose expert a in the previous
     layer and b in this one; `prev_slots`: the previous layer's placement (for that affinity)."""
     E = len(load)
-    total = E + num_redundant
-    if total % world_size:
-        raise ValueError(f"num_experts + num_redundant_experts = {total} must divide evenly over "
-                         f"{world_size} ranks")
-    S = total // world_size
+    S = _slots_per_rank(E, world_size, num_redundant)
     count = [1] * E
     for _ in range(num_redundant):
         # a second copy on the same rank would not split anything: cap copies at one per rank

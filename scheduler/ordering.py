@@ -19,7 +19,6 @@ served before it, which bounds every wait: docs/ordering.md has the cost model a
 """
 from collections import OrderedDict, deque
 
-from scheduler.prefix import hashed_blocks
 from scheduler.request import Request
 
 
@@ -112,19 +111,7 @@ class Priority(Order):
 def prefix_hits(block_manager):
     """req -> prompt tokens this block manager holds cached for it right now: the lookup of
     allocate_prefix, read-only. A multi-turn prompt that is mostly cached is a short job."""
-    bm = block_manager
-
-    def hits(req: Request) -> int:
-        if not bm.enable_prefix_caching:
-            return 0
-        n = 0
-        for chunk, h in hashed_blocks(req.all_token_ids, bm.block_size):
-            b = bm.hash_to_block.get(h)
-            if b is None or bm.blocks[b].token_ids != chunk:
-                break
-            n += bm.block_size
-        return n
-    return hits
+    return lambda req: len(block_manager.cached_blocks(req)) * block_manager.block_size
 
 
 ORDERS = {"fcfs": Order, "sjf": SJF, "priority": Priority}

@@ -6,9 +6,6 @@ from scheduler.sbs import StaggeredBatchScheduler
 
 SCHEDULERS = {c.name: c for c in (ImmediateRoundRobin, ImmediateLeastLoad, StaggeredBatchScheduler,
                                   AdpBalance, ImmediateGimbal)}
-# role="decode": placement only, nothing held. adp-balance decodes as immediate-lb (without its
-# options); sbs uses its decode-side rule; the others place as they do for prefill.
-DECODE_ROLE = {"adp-balance": ("immediate-lb", False)}
 
 
 def make_global_scheduler(name: str, num_ranks: int, **options) -> GlobalScheduler:
@@ -17,9 +14,10 @@ def make_global_scheduler(name: str, num_ranks: int, **options) -> GlobalSchedul
     `role="decode"` builds the scheduler of a decode pool."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(sorted(SCHEDULERS))}")
-    if options.get("role") == "decode" and name in DECODE_ROLE:
-        name, keep = DECODE_ROLE[name]
-        options = options if keep else {"role": "decode"}
+    # role="decode": placement only, nothing held. adp-balance decodes as immediate-lb (without its
+    # options); sbs uses its decode-side rule; the others place as they do for prefill.
+    if options.get("role") == "decode" and name == "adp-balance":
+        name, options = "immediate-lb", {"role": "decode"}
     if name != "adp-balance":
         options.pop("instances", None)
     try:

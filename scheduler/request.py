@@ -28,7 +28,6 @@ class Request:
     release_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         # Own a list: callers may pass a tuple or a list they keep mutating.
@@ -68,11 +67,6 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
-
-    @property
-    def is_prefill(self) -> bool:
-        # A decode has exactly one token left: the one sampled last step.
-        return self.remaining_tokens > 1
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "

@@ -160,15 +160,12 @@ class StaggeredBatchScheduler(GlobalScheduler):
         return max(1, min(cap, int(self.chunk_factor * c0 / c_tok)))
 
     def level_budgets(self, loads: list[RankLoad]) -> tuple[dict[int, int], dict[int, int]]:
-        """Every rank of the group gets the same token budget for its next step: the water level
-        of the group's pending prefill work (each rank's queued tokens and decodes, with the
-        buffer poured on top, less likely prefix hits), at least min_chunk(), at most the rank's
-        own maximum. A long prompt is then chunked to the level of the others and continues next
-        step, rather than one rank running to its full budget while the others wait at the
-        all-to-all. Under heavy load the level reaches the maximum: the budgets stop mattering.
-        Returns (budgets, shares): a share is the level without the min_chunk() floor, what the
-        rank may newly admit now, so that an instance takes only its part of a burst and leaves
-        the rest to the busy instances that reach a boundary after it."""
+        """Every rank of the group gets the same token budget for its next step (see the module
+        docstring): the water level of the group's pending prefill work (each rank's queued tokens
+        and decodes, with the buffer poured on top, less likely prefix hits), at least min_chunk(),
+        at most the rank's own maximum. Returns (budgets, shares): a share is the level without
+        the min_chunk() floor, what the rank may newly admit now, so that an instance takes only
+        its part of a burst and leaves the rest to the busy instances that reach a boundary after it."""
         live = [ld for ld in loads if ld.rank not in self.dead]
         if not live:
             return {}, {}

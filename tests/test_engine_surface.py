@@ -48,7 +48,7 @@ def test_abort_of_a_held_request_never_reaches_a_rank(scheduler, options):
     released = [s.request_id for v in msg.assignments.values() for s in v]
     assert gone not in released and gone in msg.aborts and msg.aborts.count(gone) == 1
     assert coord.policy.num_pending() == (0 if keep in released else 1)
-    changed = coord.collect([([], StepStats(r, 0, 0, 0.01, 0)) for r in (0, 1)], msg, [0, 1])
+    changed = coord.collect([([], StepStats(r, 0, 0.01, 0)) for r in (0, 1)], msg, [0, 1])
     assert [o.request_id for o in changed] == [gone] and coord.outputs[gone].finish_reason == "abort"
     for _ in range(3):
         more = coord.plan([load(0), load(1)], [0, 1])

@@ -46,7 +46,7 @@ def wait_for(cond, timeout=10):
 def run_step(remote, specs, token, finish=False, local_rank=0):
     """One fake step on a one-rank instance: every spec produces `token`."""
     events = [TokenEvent(s.request_id, token, "", "length" if finish else None, time.time()) for s in specs]
-    remote.collect([(events, StepStats(local_rank, len(specs), len(specs), 0.01, 0))], None, [local_rank], 0)
+    remote.collect([(events, StepStats(local_rank, len(specs), 0.01, 0))], None, [local_rank], 0)
 
 
 def test_instance_layout():

@@ -131,7 +131,7 @@ def _samples():
     spec = RequestSpec("r1", [1, 2, 3], sp, 12.5)
     load = RankLoad(3, 1, 2, 30, 40, 10, 64, 16, 8, 256, 0.25)
     ev = TokenEvent("r1", 7, "ab", "stop", 1.5, text="abc", handoff=True, cached_tokens=16)
-    stats = StepStats(3, 12, 2, 0.01, 0)
+    stats = StepStats(3, 12, 0.01, 0)
     plan = StepPlanMsg(assignments={3: [spec]}, aborts=["r9"], rebalance=True, stop=False,
                        sends={0: [Send("r1", 4, 7)]}, recvs={4: [Recv(spec, 0, 7, 11, 3)]})
     out = RequestOutput("r1", "hi", [1, 2], [7, 8], "hello", "length",

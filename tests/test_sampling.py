@@ -49,7 +49,7 @@ def test_skip_continues_the_same_stream():
     full = Sampler()
     whole = [full(x, ["r"], [sp])[0] for _ in range(6)]
     resumed = Sampler()
-    resumed.skip("r", sp, x.shape[1])
+    resumed.skip("r", sp)
     assert [resumed(x, ["r"], [sp])[0] for _ in range(5)] == whole[1:]
 
 

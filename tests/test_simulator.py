@@ -102,7 +102,7 @@ def test_linear_cost_from_json(tmp_path):
 
 def test_roofline_model_shapes():
     m = RooflineCost("h800", 32)
-    dec = RankWork(tokens=64, seqs=64, sampled=64, decode_seqs=64, decode_ctx=64 * 2000)
+    dec = RankWork(tokens=64, seqs=64, sampled=64, decode_ctx=64 * 2000)
     pre = RankWork(tokens=4096, seqs=4, sampled=4, prefill_tokens=4096, prefill_pairs=4 * 1024 * 512)
     t_dec, _ = m.step([dec] * 32)
     t_pre, _ = m.step([pre] * 32)

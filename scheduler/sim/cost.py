@@ -21,7 +21,6 @@ class RankWork:
     sampled: int = 0            # sequences whose logits are sampled this step (LM head rows)
     prefill_tokens: int = 0
     prefill_pairs: float = 0.0  # causal query-key pairs of the prefill chunks
-    decode_seqs: int = 0
     decode_ctx: int = 0         # context tokens the decodes attend over
 
     @property

@@ -9,16 +9,11 @@ first arrival to the end of the run; step_utilization = busy time / (ranks x tim
 one minus the share of stepping time lost to parallelization bubbles. Steps of prefill instances (pd)
 and of colocated instances are the "main" steps; pd decode steps are reported under decode_*.
 """
+from scheduler.allocation import quantile
 
 
 def percentile(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    pos = p / 100 * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return quantile(xs, p / 100) if xs else float("nan")
 
 
 def _mean(xs):
@@ -85,9 +80,6 @@ class Recorder:
             self.stats["decode" if inst.role == "decode" else "main"].num_ranks += len(inst.ranks)
 
     # ---- summary -----------------------------------------------------------------------------
-    def ttfts(self) -> list[float]:
-        return [r[2] - r[0] for r in self.requests if r[2] is not None]
-
     def summary(self) -> dict:
         ok = [r for r in self.requests if not (r[6] or "").startswith("error")]
         ttft = [r[2] - r[0] for r in ok if r[2] is not None]

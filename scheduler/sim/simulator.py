@@ -164,9 +164,8 @@ class Simulator:
 
     def _kick(self, role, now):
         """Offer the buffer to idle instances, the one idle longest first; then arm a timer if asked."""
-        idle = sorted((i for i in self.instances if i.alive and not i.busy and (i.role == role
-                                                                                or role == "prefill"
-                                                                      and i.role == "colocated")),
+        roles = (role, "colocated") if role == "prefill" else (role,)
+        idle = sorted((i for i in self.instances if i.alive and not i.busy and i.role in roles),
                       key=lambda i: (i.idle_since, i.idx))
         for inst in idle:
             self._start_step(inst, now)
@@ -242,7 +241,6 @@ class Simulator:
             if c + n >= req.num_tokens:
                 w.sampled += 1
             if n == 1 and c == req.num_tokens - 1 and req.output_token_ids:   # a decode
-                w.decode_seqs += 1
                 w.decode_ctx += c + 1
             else:
                 w.prefill_tokens += n
