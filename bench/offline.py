@@ -7,7 +7,7 @@
 
 Peers: transformers' batched `generate` (default, in this process), or vLLM's CPU build in its own
 interpreter (`--peer-python` or STAGGER_VLLM_PYTHON; see bench/peer_vllm.py), started once and kept
-for every run. Each run draws fresh prompts (seed = run index) so no side profits from a prefix
+for every run. Each run draws fresh prompts (a new seed per run and mode) so no side profits from a prefix
 cache, runs both sides on them (alternating which goes first) and prints both throughputs and the
 ratio; several runs end with the median and range. Output length is fixed (EOS ignored).
 
@@ -100,9 +100,9 @@ def _spread(xs):
     return f"median {statistics.median(xs):.2f} (range {min(xs):.2f}-{max(xs):.2f})"
 
 
-def _one_run(run, a, vocab, ours, peer, hf, sp) -> dict:
-    """Fresh prompts (seed = run index), both sides on them; the side going first alternates."""
-    prompts = workload(a.num_prompts, a.min_len, a.max_len, vocab, seed=run)
+def _one_run(run, a, vocab, ours, peer, hf, sp, prompt_seed) -> dict:
+    """Fresh prompts (seed `prompt_seed`), both sides on them; the side going first alternates."""
+    prompts = workload(a.num_prompts, a.min_len, a.max_len, vocab, seed=prompt_seed)
     sides = {}
     for side in (("ours", "peer") if run % 2 == 0 else ("peer", "ours")):
         if side == "ours":
@@ -177,12 +177,15 @@ def main(argv=None):
           f" each; stagger dtype {a.dtype}; torch threads {torch.get_num_threads()}")
     rows = {}
     try:
-        for mode in modes:
+        for m, mode in enumerate(modes):
             sp = dict(temperature=0.0, top_p=1.0) if mode == "greedy" else \
                 dict(temperature=a.temperature, top_p=a.top_p)
             print(f"-- {mode}" + ("" if mode == "greedy" else f" (temperature {sp['temperature']}, "
                                                               f"top_p {sp['top_p']})"))
-            rows[mode] = [_one_run(run, a, vocab, ours, peer, hf, sp) for run in range(a.runs)]
+            # prompts never repeat across modes either: our prefix cache (vLLM's is off for MLA on
+            # CPU) would otherwise skip the second mode's prefills
+            rows[mode] = [_one_run(run, a, vocab, ours, peer, hf, sp, prompt_seed=1000 * m + run)
+                          for run in range(a.runs)]
             if a.runs > 1:
                 rs = rows[mode]
                 print(f"{mode}: stagger tok/s {_spread([r['ours'] for r in rs])}; "

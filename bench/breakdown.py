@@ -1,0 +1,85 @@
+"""Where an offline run's time goes, by kind of work: CPU time of the calling thread spent in each
+kernels.ops entry point and in the model's Linear layers (split at 64 rows into prefill and decode
+GEMMs); "other" is everything else (norm-free glue, embeddings, the lm_head, sampling, host work).
+
+    python -m bench.breakdown --model DIR [--num-prompts 24] [--output-len 64] [--threads 1] [--runs 3]
+
+Thread CPU time rather than wall time: a shared machine's scheduling noise stays out, and with one
+torch thread it is the whole cost. The torch profiler was not used: on this CPU it charged whole
+milliseconds of other work to `index_select`, an order of magnitude more than timing it directly.
+Each run draws fresh prompts (bench.offline's workload) after one untimed warm-up run.
+"""
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+
+OPS = ["fused_moe", "mla_decode", "prefill_attention", "rms_norm", "route_v3", "write_kv", "gather_kv"]
+
+
+def instrument(totals: dict) -> None:
+    """Wrap the op entry points and Linear.forward so that each call adds its CPU time to `totals`."""
+    import kernels.ops as ops
+    import model.deepseek as ds
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[name] += time.thread_time() - t
+        return call
+
+    for name in OPS:
+        setattr(ops, name, timed(name, getattr(ops, name)))
+    linear = ds.Linear.forward
+
+    def forward(self, x):
+        name = "dense GEMM prefill" if x.shape[0] > 64 else "dense GEMM decode"
+        return timed(name, linear)(self, x)
+    ds.Linear.forward = forward
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--num-prompts", type=int, default=24)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    totals = collections.defaultdict(float)
+    instrument(totals)
+    from bench.offline import workload
+    from engine import LLM, SamplingParams
+    from model.config import load_config
+    llm, vocab = LLM(a.model), load_config(a.model).vocab_size
+    sp = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
+    llm.generate(workload(a.num_prompts, a.min_len, a.max_len, vocab, seed=1000), sp)
+    shares, rates = collections.defaultdict(list), []
+    for run in range(a.runs):
+        totals.clear()
+        t = time.thread_time()
+        llm.generate(workload(a.num_prompts, a.min_len, a.max_len, vocab, seed=run), sp)
+        cpu = time.thread_time() - t
+        rates.append(a.num_prompts * a.output_len / cpu)
+        totals["other"] = cpu - sum(totals.values())
+        for k, v in totals.items():
+            shares[k].append(100 * v / cpu)
+    print(f"{a.num_prompts} prompts of {a.min_len}-{a.max_len} tokens x {a.output_len}, "
+          f"{a.threads} thread(s), {a.runs} runs: {statistics.median(rates):.1f} tok per CPU-second "
+          f"(range {min(rates):.1f}-{max(rates):.1f})")
+    print("| kind of work | share of CPU time, median (range) |\n|---|---|")
+    for k in sorted(shares, key=lambda k: -statistics.median(shares[k])):
+        s = shares[k]
+        print(f"| {k} | {statistics.median(s):.1f} % ({min(s):.1f}-{max(s):.1f}) |")
+
+
+if __name__ == "__main__":
+    main()
