@@ -39,15 +39,16 @@ class _Stub(torch.nn.Module):
         return []
 
 
-def _timed(obj, name, acc, key):
+def timed(obj, name, acc, key, clock=time.perf_counter):
+    """Replace obj.name by a wrapper that adds each call's time on `clock` to acc[key]."""
     fn = getattr(obj, name)
 
     def wrapper(*a, **kw):
-        t = time.perf_counter()
+        t = clock()
         try:
             return fn(*a, **kw)
         finally:
-            acc[key] += time.perf_counter() - t
+            acc[key] += clock() - t
     setattr(obj, name, wrapper)
 
 
@@ -80,18 +81,18 @@ def measure(model_dir, n_seqs, steps, prompt_len, temperature, top_p=1.0):
     for _ in range(3):                     # admit and prefill everything, warm up
         eng.step()
     acc = defaultdict(float)
-    _timed(worker.scheduler, "schedule", acc, "schedule")
-    _timed(worker.scheduler, "update", acc, "sched_update")
-    _timed(worker.runner, "prepare", acc, "prepare_inputs")
+    timed(worker.scheduler, "schedule", acc, "schedule")
+    timed(worker.scheduler, "update", acc, "sched_update")
+    timed(worker.runner, "prepare", acc, "prepare_inputs")
     # one call per step (_finish_tokens), or per sampled token in older trees (_finish_token)
     finish = "_finish_tokens" if hasattr(worker, "_finish_tokens") else "_finish_token"
-    _timed(worker, finish, acc, "detok_stop")
-    _timed(coord, "plan", acc, "coord_plan")
-    _timed(coord, "collect", acc, "coord_collect")
+    timed(worker, finish, acc, "detok_stop")
+    timed(coord, "plan", acc, "coord_plan")
+    timed(coord, "collect", acc, "coord_collect")
     worker.sampler = _TimedSampler(worker.sampler, acc)
     stub = worker.runner.model
-    _timed(stub, "forward", acc, "forward_stub")
-    _timed(stub, "compute_logits", acc, "forward_stub")
+    timed(stub, "forward", acc, "forward_stub")
+    timed(stub, "compute_logits", acc, "forward_stub")
     walls = []
     for _ in range(steps):
         t = time.perf_counter()
