@@ -87,11 +87,14 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         kv = kv_cache.index_select(0, idx).view(nseq, -1, kv_cache.shape[-1]).to(cdt)   # [B, S, D]
         if seq_of is not None:
             kv = kv[seq_of]                                                             # [Tg, S, D]
-        qg = q.index_select(0, rows).to(cdt)
-        scores = torch.baddbmm(bias.to(cdt).expand(-1, q.shape[1], -1), qg, kv.transpose(1, 2), alpha=scale)
-        # p @ all D columns, then keep the latent ones: cheaper than multiplying by a strided slice
-        p = scores.softmax(-1, dtype=torch.float32).to(cdt)
-        out.index_copy_(0, rows, torch.matmul(p, kv)[..., :kv_lora_rank].to(q.dtype))
+        qg = q.index_select(0, rows).to(cdt)[:, None]                                   # [Tg, 1, H, D]
+        # The heads share one latent key/value head (MQA), so they ride as the query length of a
+        # single head: the fused kernel reads each sequence's rows once and keeps no score tensor.
+        # Values are the same rows, all D columns (the latent ones kept after: a strided slice
+        # as the value is slower than the extra columns).
+        o = F.scaled_dot_product_attention(qg, kv[:, None], kv[:, None], attn_mask=bias.to(cdt)[:, None],
+                                           scale=scale)
+        out.index_copy_(0, rows, o[:, 0, :, :kv_lora_rank].to(q.dtype))
     return out
 
 
