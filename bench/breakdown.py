@@ -1,6 +1,7 @@
 """Where an offline run's time goes, by kind of work: CPU time of the calling thread spent in each
-kernels.ops entry point and in the model's Linear layers (split at 64 rows into prefill and decode
-GEMMs); "other" is everything else (norm-free glue, embeddings, the lm_head, sampling, host work).
+kernels.ops entry point and in the model's Linear layers, the lm_head among them (split at 64 rows
+into prefill and decode GEMMs); "other" is everything else (embeddings, rope, residual adds and
+other glue, the MLA absorb products, sampling, host work).
 
     python -m bench.breakdown --model DIR [--num-prompts 24] [--output-len 64] [--threads 1] [--runs 3]
 
