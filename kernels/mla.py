@@ -11,6 +11,8 @@ position S - L + j and sees keys 0 .. S - L + j.
 import torch
 import torch.nn.functional as F
 
+from . import cpu_threads
+
 
 def write_kv_torch(kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
@@ -37,28 +39,27 @@ def _causal_attend(q, k, v, scale):
     return torch.einsum("hls,shd->lhd", p, v.float().expand(S, q.shape[1], -1)).to(q.dtype)
 
 
-def _decode_groups(block_table, seq_lens, query_start_loc, bs, dev):
-    """Query tokens grouped by how many cache blocks their sequence spans (built once per step,
-    shared by every layer): each group pads its keys only to its own width, not the longest
-    sequence's, so neither the copy of the cache rows nor the attention math pays for padding."""
-    by_width: dict[int, list[int]] = {}
+def _decode_plan(block_table, seq_lens, query_start_loc, bs, dev):
+    """Where each sequence's cache rows are (built once per step, shared by every layer): its query
+    rows, its context length, and either the first flat row of its blocks when they are consecutive
+    (the usual case: a prompt's blocks are taken in one go from an ordered free list), read in place,
+    or its block ids, copied. Multi-token queries get a causal mask."""
+    tables = block_table.tolist()
+    plan = []
     for b, n in enumerate(seq_lens):
-        if query_start_loc[b + 1] > query_start_loc[b]:
-            by_width.setdefault(-(-n // bs), []).append(b)
-    groups = []
-    for width, seqs in by_width.items():
-        counts = [query_start_loc[b + 1] - query_start_loc[b] for b in seqs]
-        rows = [t for b in seqs for t in range(query_start_loc[b], query_start_loc[b + 1])]
-        # query row -> its sequence within the group (None: one query per sequence, no repeats)
-        seq_of = None if all(c == 1 for c in counts) else torch.tensor(
-            [i for i, c in enumerate(counts) for _ in range(c)], device=dev)
-        # position of each query token: it sees keys 0 .. pos (causal within its sequence)
-        pos = torch.tensor([seq_lens[b] - c + j for b, c in zip(seqs, counts) for j in range(c)], device=dev)
-        hidden = (torch.arange(width * bs, device=dev)[None, :] > pos[:, None])[:, None, :]
-        bias = torch.zeros(len(rows), 1, width * bs, device=dev).masked_fill_(hidden, float("-inf"))
-        idx = block_table[seqs, :width].long().flatten()
-        groups.append((torch.tensor(rows, device=dev), len(seqs), idx, seq_of, bias))
-    return groups
+        q0, q1 = query_start_loc[b], query_start_loc[b + 1]
+        if q1 == q0:
+            continue
+        blocks = tables[b][:-(-n // bs)]
+        consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+        where = blocks[0] * bs if consecutive else torch.tensor(blocks, device=dev)
+        mask = None
+        if q1 - q0 > 1:   # query j sits at position n - c + j and sees keys 0 .. that position
+            c = q1 - q0
+            hidden = torch.arange(n, device=dev)[None, :] > torch.arange(n - c, n, device=dev)[:, None]
+            mask = torch.zeros(c, 1, 1, n, device=dev).masked_fill_(hidden[:, None, None], float("-inf"))
+        plan.append((q0, q1, n, where, mask))
+    return plan
 
 
 def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -66,35 +67,40 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                      kv_lora_rank: int, cache: dict | None = None) -> torch.Tensor:
     """q [T, H, Dl + Dr] (absorbed) -> out [T, H, Dl].
 
-    Batched per group of sequences that span the same number of cache blocks: each query token
-    attends over its sequence's block rows and masks keys past its own position."""
-    T = q.shape[0]
-    out = q.new_zeros(T, q.shape[1], kv_lora_rank)
+    One sequence at a time over exactly its own cache rows: no padding to a longer sequence, and no
+    copy where its blocks are consecutive (a view of the flat cache)."""
+    T, D = q.shape[0], kv_cache.shape[-1]
+    out = q.new_empty(T, q.shape[1], kv_lora_rank)
     if T == 0:
         return out
-    key = ("mla_decode_groups", q.device)
-    groups = cache.get(key) if cache is not None else None
-    if groups is None:
-        groups = _decode_groups(block_table, seq_lens, query_start_loc, kv_cache.shape[1], q.device)
+    key = ("mla_decode_plan", q.device)
+    plan = cache.get(key) if cache is not None else None
+    if plan is None:
+        plan = _decode_plan(block_table, seq_lens, query_start_loc, kv_cache.shape[1], q.device)
         if cache is not None:
-            cache[key] = groups
+            cache[key] = plan
+    flat = kv_cache.view(-1, D)
     # fp32 math, except a bf16 query over a bf16 cache: read as is (bf16 GEMMs accumulate in fp32;
     # a cast would copy the context again), softmax in fp32
     cdt = torch.bfloat16 if q.dtype == kv_cache.dtype == torch.bfloat16 else torch.float32
-    for rows, nseq, idx, seq_of, bias in groups:
-        # one flat row copy per block (index_select is a plain memcpy per row; 2-D advanced
-        # indexing of the 3-D cache is several times slower on CPU)
-        kv = kv_cache.index_select(0, idx).view(nseq, -1, kv_cache.shape[-1]).to(cdt)   # [B, S, D]
-        if seq_of is not None:
-            kv = kv[seq_of]                                                             # [Tg, S, D]
-        qg = q.index_select(0, rows).to(cdt)[:, None]                                   # [Tg, 1, H, D]
-        # The heads share one latent key/value head (MQA), so they ride as the query length of a
-        # single head: the fused kernel reads each sequence's rows once and keeps no score tensor.
-        # Values are the same rows, all D columns (the latent ones kept after: a strided slice
-        # as the value is slower than the extra columns).
-        o = F.scaled_dot_product_attention(qg, kv[:, None], kv[:, None], attn_mask=bias.to(cdt)[:, None],
-                                           scale=scale)
-        out.index_copy_(0, rows, o[:, 0, :, :kv_lora_rank].to(q.dtype))
+
+    def sequences(lo, hi):
+        for q0, q1, n, where, mask in plan[lo:hi]:
+            if isinstance(where, int):
+                kv = flat[where:where + n]
+            else:   # one flat row copy per block (index_select is a plain memcpy per row)
+                kv = kv_cache.index_select(0, where).view(-1, D)[:n]
+            kv = kv.to(cdt)[None, None]                                              # [1, 1, S, D]
+            qb = q[q0:q1].to(cdt)[:, None]                                           # [c, 1, H, D]
+            if mask is not None:
+                kv = kv.expand(q1 - q0, -1, -1, -1)
+            # The heads share one latent key/value head (MQA), so they ride as the query length of
+            # a single head: the fused kernel reads the rows once and keeps no score tensor. Values
+            # are the same rows, all D columns (the latent ones kept after: a strided slice is slower).
+            o = F.scaled_dot_product_attention(qb, kv, kv, attn_mask=mask, scale=scale)
+            out[q0:q1] = o[:, 0, :, :kv_lora_rank]
+    # one call per sequence is too small for intra-op threads: each thread takes its own sequences
+    cpu_threads.split(sequences, len(plan), q.device)
     return out
 
 

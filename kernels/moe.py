@@ -6,6 +6,8 @@ LOCAL expert indices; -1 marks a choice owned by another rank (expert parallelis
 import torch
 import torch.nn.functional as F
 
+from . import cpu_threads
+
 
 def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                     topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -46,11 +48,16 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     else:
         xs = x[tok]
         ys = torch.empty_like(xs)
-        # per expert: one contiguous slice in, one written in place out (few ops: in decode the
-        # per-op cost is a sizeable share of these small GEMMs)
-        for e, (xe, ye) in enumerate(zip(xs.split(counts[1:]), ys.split(counts[1:]))):
-            if xe.shape[0]:
-                h = F.linear(xe, w13[e])
-                torch.mm(F.silu(h[:, :inter]).mul_(h[:, inter:]), w2[e].t(), out=ye)
+        parts = list(zip(xs.split(counts[1:]), ys.split(counts[1:])))
+
+        def experts(lo, hi):
+            # per expert: one contiguous slice in, one written in place out (few ops: in decode the
+            # per-op cost is a sizeable share of these small GEMMs)
+            for e in range(lo, hi):
+                xe, ye = parts[e]
+                if xe.shape[0]:
+                    h = F.linear(xe, w13[e])
+                    torch.mm(F.silu(h[:, :inter]).mul_(h[:, inter:]), w2[e].t(), out=ye)
+        cpu_threads.split(experts, E, x.device)
     ys *= topk_weights.flatten()[rows, None].to(x.dtype)
     return out.index_add_(0, tok, ys)

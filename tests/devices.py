@@ -1,5 +1,6 @@
 """Where kernel tests run: the CPU under the Triton interpreter (default, CI), or a real GPU with
 STAGGER_TEST_DEVICE=cuda (compiled for real, bf16 added, outputs NaN-poisoned; bench/gpu_validate.py)."""
+import contextlib
 import functools
 import os
 
@@ -59,3 +60,15 @@ def _back(out):
     if isinstance(out, (tuple, list)):
         return type(out)(_back(o) for o in out)
     return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count set to n for the block (the CPU references split their small-op
+    loops over the threads: both ways must give the same result)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from devices import KERNEL_DTYPES, TOL
+from devices import KERNEL_DTYPES, TOL, torch_threads
 from kernels.mla import mla_decode_torch, write_kv_torch
 from kernels.kv_write_triton import write_kv_triton
 from kernels.mla_decode_triton import mla_decode_triton
@@ -149,16 +149,33 @@ def _naive_decode(q, cache, table, seq_lens, qsl, scale, d_lat):
     return out
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
 @pytest.mark.parametrize("q_lens", [[1, 1, 1, 1, 1], [2, 0, 1, 3, 1]])
-def test_torch_decode_reference_matches_naive_per_sequence(q_lens):
-    # sequences spanning 1, 2 and 3 pages (the reference batches each width separately), poisoned
-    # pages past every sequence's end, one sequence with no query
+def test_torch_decode_reference_matches_naive_per_sequence(q_lens, layout, threads):
+    # sequences spanning 1, 2 and 3 pages, poisoned pages past every sequence's end, one sequence
+    # with no query; pages shuffled (copied) or each sequence's in order (read in place, except
+    # sequence 3 whose last page is elsewhere: both kinds in one step); one thread or two
     seq_lens = [5, 40, 16, 33, 17]
     q, cache, table, qsl, scale = _case(seq_lens, q_lens, 4, 24, 8, 16, torch.float32, seed=11)
+    if layout == "consecutive":
+        need = [-(-n // 16) for n in seq_lens]
+        cache = torch.randn(sum(need) + 2, 16, 32, generator=torch.Generator().manual_seed(12))
+        cache[-1] = 1e3                                  # the poison page, past every end
+        table.fill_(cache.shape[0] - 1)
+        starts = [sum(need[:b]) for b in range(len(need))]
+        for b, nb in enumerate(need):
+            table[b, :nb] = torch.arange(starts[b], starts[b] + nb, dtype=torch.int32)
+        table[3, 2] = cache.shape[0] - 2                 # sequence 3's last page is elsewhere
     cached: dict = {}
-    out = mla_decode_torch(q, cache, table, seq_lens, qsl, scale, 24, cached)
-    torch.testing.assert_close(out, _naive_decode(q, cache, table, seq_lens, qsl, scale, 24))
-    # the per-step groups are reused by the next layer (same step, another cache)
-    cache2 = torch.randn_like(cache)
-    out2 = mla_decode_torch(q, cache2, table, seq_lens, qsl, scale, 24, cached)
-    torch.testing.assert_close(out2, _naive_decode(q, cache2, table, seq_lens, qsl, scale, 24))
+    with torch_threads(threads):
+        out = mla_decode_torch(q, cache, table, seq_lens, qsl, scale, 24, cached)
+        torch.testing.assert_close(out, _naive_decode(q, cache, table, seq_lens, qsl, scale, 24))
+        # the per-step plan is reused by the next layer (same step, another cache)
+        cache2 = torch.randn_like(cache)
+        out2 = mla_decode_torch(q, cache2, table, seq_lens, qsl, scale, 24, cached)
+        torch.testing.assert_close(out2, _naive_decode(q, cache2, table, seq_lens, qsl, scale, 24))
+    in_place = [isinstance(where, int) for _, _, _, where, _ in cached[("mla_decode_plan", q.device)]]
+    queried = [b for b, n in enumerate(q_lens) if n]
+    # a one-page sequence is read in place whatever the layout
+    assert in_place == [layout == "consecutive" and b != 3 or seq_lens[b] <= 16 for b in queried]

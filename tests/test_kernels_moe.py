@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from devices import KERNEL_DTYPES, TOL
+from devices import KERNEL_DTYPES, TOL, torch_threads
 from kernels.fp8 import dequant_block_fp8, per_token_group_quant_fp8_torch, quant_block_fp8
 from kernels.moe import fused_moe_torch
 from kernels.moe_triton import fused_moe_triton, moe_align
@@ -111,13 +111,15 @@ def test_fused_moe_fp8_w8a8(dtype):
     assert (out.float() - ref16).abs().max() < 0.05 * ref16.abs().max()
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_torch_moe_paths_match_per_token_math(grouped):
-    """The CPU path's two schedules (one batched GEMM over padded experts, one GEMM per expert)
-    against the definition, token by token; -1 choices contribute nothing."""
+@pytest.mark.parametrize("grouped,threads", [(True, 1), (False, 1), (False, 2)])
+def test_torch_moe_paths_match_per_token_math(grouped, threads):
+    """The CPU path's two schedules (one batched GEMM over padded experts, one GEMM per expert,
+    its experts split over two threads or not) against the definition, token by token; -1 choices
+    contribute nothing."""
     x, w13, w2 = _dense(torch.float32)
     ids, w = _routing()
-    out = fused_moe_torch(x, w13, w2, ids, w, grouped=grouped)
+    with torch_threads(threads), torch.inference_mode():   # inference mode: as the engine runs it
+        out = fused_moe_torch(x, w13, w2, ids, w, grouped=grouped)
     ref = torch.zeros_like(x)
     for t in range(T):
         for j in range(K):
