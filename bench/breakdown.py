@@ -7,8 +7,9 @@ other glue, the MLA absorb products, sampling, host work).
 
 Thread CPU time rather than wall time with one thread: a shared machine's scheduling noise stays
 out, and it is the whole cost. With more threads the calling thread's CPU time misses the others'
-work, so wall time is used instead (run it on a quiet machine). The torch profiler was not used: on this CPU it charged whole
-milliseconds of other work to `index_select`, an order of magnitude more than timing it directly.
+work, so wall time is used instead (run it on a quiet machine). The torch profiler was not used: on
+this CPU it charged whole milliseconds of other work to `index_select`, an order of magnitude more
+than timing it directly.
 Each run draws fresh prompts (bench.offline's workload) after one untimed warm-up run.
 """
 import argparse
@@ -69,7 +70,8 @@ def main():
     print(f"{a.num_prompts} prompts of {a.min_len}-{a.max_len} tokens x {a.output_len}, "
           f"{a.threads} thread(s), {a.runs} runs: {statistics.median(rates):.1f} tok per {unit} "
           f"(range {min(rates):.1f}-{max(rates):.1f})")
-    print(f"| kind of work | share of {'CPU' if a.threads == 1 else 'wall'} time, median (range) |\n|---|---|")
+    kind = "CPU" if a.threads == 1 else "wall"
+    print(f"| kind of work | share of {kind} time, median (range) |\n|---|---|")
     for k in sorted(shares, key=lambda k: -statistics.median(shares[k])):
         s = shares[k]
         print(f"| {k} | {statistics.median(s):.1f} % ({min(s):.1f}-{max(s):.1f}) |")

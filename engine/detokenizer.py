@@ -1,4 +1,33 @@
 """Incremental detokenization and stop conditions for one request."""
+import codecs
+
+
+def detokenizer(tokenizer):
+    """The cheapest exact detokenizer the tokenizer allows (None without a tokenizer)."""
+    if tokenizer is None:
+        return None
+    if tokenizer.token_bytes is not None:
+        return ByteDetokenizer(tokenizer.token_bytes)
+    return IncrementalDetokenizer(tokenizer)
+
+
+class ByteDetokenizer:
+    """Byte-level BPE: a token is fixed bytes, so the text is the UTF-8 of their concatenation,
+    decoded as it grows (a character split across tokens comes out once complete). One table
+    lookup per token instead of re-decoding a window: the per-token host cost at a large batch."""
+    __slots__ = ("_bytes", "_utf8", "text")
+
+    def __init__(self, token_bytes: list[bytes]):
+        self._bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        table = self._bytes   # ids past the tokenizer's (a model's padded vocabulary) decode to nothing
+        delta = self._utf8.decode(table[token_id] if token_id < len(table) else b"")
+        if delta:
+            self.text += delta
+        return delta
 
 
 class IncrementalDetokenizer:

@@ -12,7 +12,7 @@ from scheduler.ordering import rank_order
 from scheduler.request import Request, RequestStatus
 from . import pd
 from .messages import Recv, RequestSpec, Send, StepStats, TokenEvent
-from .detokenizer import IncrementalDetokenizer, check_stop
+from .detokenizer import check_stop, detokenizer
 from .model_runner import ModelRunner
 from .sampling import Sampler, SamplingParams
 
@@ -34,12 +34,12 @@ class RankWorker:
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
         self.role, self.transfers, self.balancer = role, transfers, balancer
-        self.live: dict[str, tuple[Request, SamplingParams, IncrementalDetokenizer | None]] = {}
+        self.live: dict[str, tuple[Request, SamplingParams, object]] = {}   # detokenizer or None
 
     def add(self, spec: RequestSpec) -> None:
         req = spec.to_request()
         self.scheduler.add(req)
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+        detok = detokenizer(self.tokenizer)
         self.live[spec.request_id] = (req, spec.params, detok)
 
     def abort(self, request_id: str) -> None:
@@ -99,8 +99,8 @@ class RankWorker:
         if not bm.can_append(req, recv.num_tokens):
             raise RuntimeError(f"rank {self.rank}: no KV room for transferred request {spec.request_id}")
         bm.append(req, recv.num_tokens)
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
-        if detok:
+        detok = detokenizer(self.tokenizer)
+        if detok is not None:
             detok.add(recv.first_token)   # its text was already streamed by the prefill rank
         self.sampler.skip(spec.request_id, spec.params)
 

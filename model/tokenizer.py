@@ -7,13 +7,19 @@ A folder with neither has no tokenizer: prompts must then be token ids.
 import functools
 import json
 import os
+import random
 
 
 class Tokenizer:
-    def __init__(self, encode, decode, vocab_size: int, bos_token_id=None, eos_token_id=None):
+    """`token_bytes[id]`: the bytes a token decodes to, where decoding is exactly the UTF-8 of the
+    concatenated bytes (byte-level BPE; checked at load against the real decoder), else None."""
+
+    def __init__(self, encode, decode, vocab_size: int, bos_token_id=None, eos_token_id=None,
+                 token_bytes: list[bytes] | None = None):
         self._encode, self._decode = encode, decode
         self.vocab_size = vocab_size
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.token_bytes = token_bytes
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
@@ -38,6 +44,39 @@ def _special_ids(model_dir: str, token_to_id):
     return tok("bos_token"), tok("eos_token")
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE spells each byte as one printable character: bytes that are printable Latin-1
+    stand for themselves, the other 68 take the code points from 256 up, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    moved = [b for b in range(256) if b not in set(kept)]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+def _token_bytes(t, spec: dict) -> list[bytes] | None:
+    """Each id's bytes for a plain byte-level BPE tokenizer.json (special tokens: none, as decode
+    skips them), or None for any other decoder or where a sample of decodes disagrees."""
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel" or spec.get("model", {}).get("type") != "BPE":
+        return None
+    alphabet, n = _byte_alphabet(), t.get_vocab_size(with_added_tokens=True)
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    table = [b""] * n
+    for piece, i in t.get_vocab(with_added_tokens=True).items():
+        if i in added:
+            table[i] = b"" if added[i].get("special") else piece.encode()
+        elif all(c in alphabet for c in piece):
+            table[i] = bytes(alphabet[c] for c in piece)
+        else:
+            return None
+    rng = random.Random(0)
+    samples = [[i] for i in range(min(n, 1024))] + [[rng.randrange(n) for _ in range(12)] for _ in range(256)]
+    for ids in samples:
+        text = b"".join(table[i] for i in ids).decode("utf-8", "replace")
+        if text != t.decode(ids, skip_special_tokens=True):
+            return None
+    return table
+
+
 def load_tokenizer(model_dir: str) -> Tokenizer | None:
     hf = os.path.join(model_dir, "tokenizer.json")
     sp = os.path.join(model_dir, "tokenizer.model")
@@ -45,9 +84,11 @@ def load_tokenizer(model_dir: str) -> Tokenizer | None:
         from tokenizers import Tokenizer as HFTokenizer
         t = HFTokenizer.from_file(hf)
         bos, eos = _special_ids(model_dir, t.token_to_id)
+        with open(hf) as f:
+            spec = json.load(f)
         return Tokenizer(lambda s: t.encode(s).ids,
                          functools.partial(t.decode, skip_special_tokens=True),
-                         t.get_vocab_size(), bos, eos)
+                         t.get_vocab_size(), bos, eos, _token_bytes(t, spec))
     if os.path.isfile(sp):
         import sentencepiece as spm
         t = spm.SentencePieceProcessor(model_file=sp)
