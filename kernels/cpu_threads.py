@@ -5,11 +5,13 @@ threads (two threads made a 32-expert loop only ~1.2x faster on a 2-core machine
 few rows is split again and waits on its partner). Giving each thread its own run of calls, every
 call single-threaded, overlaps one thread's weight reads with the other's math (1.4-1.7x).
 """
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 
 
 def split(work, n: int, device: torch.device) -> None:
@@ -20,9 +22,10 @@ def split(work, n: int, device: torch.device) -> None:
     if k < 2 or device.type != "cpu":
         work(0, n)
         return
-    global _pool
-    if _pool is None or _pool._max_workers < k - 1:
-        _pool = ThreadPoolExecutor(k - 1, thread_name_prefix="cpu-split")
+    global _pool, _pool_pid
+    # a forked child inherits the pool but not its threads: it makes its own
+    if _pool is None or _pool._max_workers < k - 1 or _pool_pid != os.getpid():
+        _pool, _pool_pid = ThreadPoolExecutor(k - 1, thread_name_prefix="cpu-split"), os.getpid()
     bounds = [n * i // k for i in range(k + 1)]
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 

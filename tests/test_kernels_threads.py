@@ -27,3 +27,21 @@ def test_split_passes_a_parts_error_on_and_restores_threads():
         with pytest.raises(ValueError, match="part 2-4"):
             cpu_threads.split(work, 4, torch.device("cpu"))
         assert torch.get_num_threads() == 2
+
+
+def test_split_in_a_forked_child_makes_its_own_pool():
+    """The child of a fork has the parent's pool object but none of its threads: waiting on them
+    would hang, so the child starts its own (the parent's pool exists before the fork here)."""
+    import multiprocessing
+    out = torch.zeros(4)
+    with torch_threads(2):
+        cpu_threads.split(lambda lo, hi: out[lo:hi].add_(1), 4, out.device)
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=cpu_threads.split, args=(lambda lo, hi: None, 4, out.device))
+        child.start()
+        child.join(timeout=30)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+    assert not alive and child.exitcode == 0
+    assert out.tolist() == [1.0] * 4
