@@ -89,8 +89,8 @@ def measure(llm, shapes, max_tokens: int, seed: int = 0, log=None) -> list[dict]
     sched = eng.worker.scheduler
     orig, last = sched.schedule, []
 
-    def spy():   # what the rank computes this step, as the simulator's RankWork counts it
-        b = orig()
+    def spy(*args, **kwargs):   # what the rank computes this step, as the simulator's RankWork counts it
+        b = orig(*args, **kwargs)
         last[:] = [(r.num_computed_tokens, n) for r, n in b.items]
         return b
     sched.schedule = spy

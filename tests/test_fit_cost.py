@@ -58,3 +58,22 @@ def test_written_json_loads_as_fitted_cost_model(tmp_path):
     t, busy = cost.step([w])
     expect = TRUE["c0"] + TRUE["c_tok"] * 100 + TRUE["c_ctx"] * 5000 + TRUE["c_seq"] * 2
     assert t == pytest.approx(expect, rel=1e-6) and busy == [pytest.approx(expect, rel=1e-6)]
+
+
+def test_measure_records_each_step_of_a_real_engine(tmp_path):
+    """The sweep drives a real engine (tiny-v3): one record per step with what the rank computed,
+    prefill and decode steps both, and the scheduler is left as it was found."""
+    from bench.fit_cost import measure
+    from engine import LLM
+    from launch.make_checkpoint import make_checkpoint
+    llm = LLM(make_checkpoint(str(tmp_path / "ckpt"), "tiny-v3"), max_num_batched_tokens=64)
+    sched = llm.engine.worker.scheduler
+    schedule = sched.schedule
+    records = measure(llm, [(2, 40, 0), (2, 8, 2)], max_tokens=3)
+    assert sched.schedule == schedule
+    first = records[0]   # two prompts of 40 under a 64-token budget: 64 tokens, 2 sequences
+    assert (first["tokens"], first["seqs"], first["shape"]) == (64, 2, [2, 40, 0])
+    assert first["context"] == attention_pairs(40, 0) + attention_pairs(24, 0)
+    assert any(r["tokens"] == r["seqs"] for r in records)          # decode steps: one token each
+    assert sum(r["shape"] == [2, 8, 2] for r in records) >= 3
+    assert all(r["time_s"] > 0 for r in records)
