@@ -100,7 +100,7 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
             o = F.scaled_dot_product_attention(qb, kv, kv, attn_mask=mask, scale=scale)
             out[q0:q1] = o[:, 0, :, :kv_lora_rank]
     # one call per sequence is too small for intra-op threads: each thread takes its own sequences
-    cpu_threads.split(sequences, len(plan), q.device)
+    cpu_threads.parallel_for(sequences, len(plan), q.device)
     return out
 
 

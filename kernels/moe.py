@@ -58,6 +58,6 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 if xe.shape[0]:
                     h = F.linear(xe, w13[e])
                     torch.mm(F.silu(h[:, :inter]).mul_(h[:, inter:]), w2[e].t(), out=ye)
-        cpu_threads.split(experts, E, x.device)
+        cpu_threads.parallel_for(experts, E, x.device)
     ys *= topk_weights.flatten()[rows, None].to(x.dtype)
     return out.index_add_(0, tok, ys)
