@@ -15,16 +15,19 @@ class ByteDetokenizer:
     """Byte-level BPE: a token is fixed bytes, so the text is the UTF-8 of their concatenation,
     decoded as it grows (a character split across tokens comes out once complete). One table
     lookup per token instead of re-decoding a window: the per-token host cost at a large batch."""
-    __slots__ = ("_bytes", "_utf8", "text")
+    __slots__ = ("_bytes", "_pending", "text")
 
     def __init__(self, token_bytes: list[bytes]):
         self._bytes = token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = b""   # the start of a character whose last bytes are still to come
         self.text = ""
 
     def add(self, token_id: int) -> str:
         table = self._bytes   # ids past the tokenizer's (a model's padded vocabulary) decode to nothing
-        delta = self._utf8.decode(table[token_id] if token_id < len(table) else b"")
+        data = self._pending + (table[token_id] if token_id < len(table) else b"")
+        # the codec's incremental step itself (what codecs' incremental decoder wraps in a method)
+        delta, used = codecs.utf_8_decode(data, "replace", False)
+        self._pending = data[used:]
         if delta:
             self.text += delta
         return delta
