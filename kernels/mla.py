@@ -53,11 +53,11 @@ def _decode_plan(block_table, seq_lens, query_start_loc, bs, dev):
         blocks = tables[b][:-(-n // bs)]
         consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
         where = blocks[0] * bs if consecutive else torch.tensor(blocks, device=dev)
-        mask = None
+        mask = None   # boolean (True: may attend), so it suits any query dtype
         if q1 - q0 > 1:   # query j sits at position n - c + j and sees keys 0 .. that position
             c = q1 - q0
-            hidden = torch.arange(n, device=dev)[None, :] > torch.arange(n - c, n, device=dev)[:, None]
-            mask = torch.zeros(c, 1, 1, n, device=dev).masked_fill_(hidden[:, None, None], float("-inf"))
+            seen = torch.arange(n, device=dev)[None, :] <= torch.arange(n - c, n, device=dev)[:, None]
+            mask = seen[:, None, None]                                                 # [c, 1, 1, S]
         plan.append((q0, q1, n, where, mask))
     return plan
 

@@ -69,7 +69,8 @@ def _token_bytes(t, spec: dict) -> list[bytes] | None:
         else:
             return None
     rng = random.Random(0)
-    samples = [[i] for i in range(min(n, 1024))] + [[rng.randrange(n) for _ in range(12)] for _ in range(256)]
+    samples = [[i] for i in [*range(min(n, 1024)), *added]]
+    samples += [[rng.randrange(n) for _ in range(12)] for _ in range(256)]
     for ids in samples:
         text = b"".join(table[i] for i in ids).decode("utf-8", "replace")
         if text != t.decode(ids, skip_special_tokens=True):

@@ -179,3 +179,14 @@ def test_torch_decode_reference_matches_naive_per_sequence(q_lens, layout, threa
     queried = [b for b, n in enumerate(q_lens) if n]
     # a one-page sequence is read in place whatever the layout
     assert in_place == [layout == "consecutive" and b != 3 or seq_lens[b] <= 16 for b in queried]
+
+
+def test_torch_decode_reference_bf16_multi_token_queries():
+    """A bf16 query over a bf16 cache stays in bf16 (no copy of the context), multi-token queries
+    (the causal mask) included: against the fp32 oracle at bf16 tolerance."""
+    seq_lens, q_lens = [5, 40, 33], [2, 3, 1]
+    q, cache, table, qsl, scale = _case(seq_lens, q_lens, 4, 24, 8, 16, torch.float32, seed=13)
+    q16, cache16 = q.to(torch.bfloat16), cache.to(torch.bfloat16)
+    out = mla_decode_torch(q16, cache16, table, seq_lens, qsl, scale, 24)
+    ref = _naive_decode(q16.float(), cache16.float(), table, seq_lens, qsl, scale, 24)
+    torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
