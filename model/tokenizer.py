@@ -49,7 +49,7 @@ def _byte_alphabet() -> dict[str, int]:
     stand for themselves, the other 68 take the code points from 256 up, in byte order."""
     kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
             *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    moved = [b for b in range(256) if b not in set(kept)]
+    moved = sorted(set(range(256)) - set(kept))
     return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
 
 
