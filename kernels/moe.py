@@ -6,7 +6,7 @@ LOCAL expert indices; -1 marks a choice owned by another rank (expert parallelis
 import torch
 import torch.nn.functional as F
 
-from . import cpu_threads
+from . import cpu_native, cpu_threads
 
 
 def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -15,7 +15,8 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
 
     `grouped`: run all experts as one batched GEMM over rows padded to the busiest expert (None:
-    when that padding wastes little), else one GEMM per expert."""
+    when that padding wastes little and the C loop does not apply), else one GEMM per expert (True
+    or False: torch's GEMMs, the reference)."""
     inter, E = w2.shape[-1], w13.shape[0]
     out = x.new_zeros(x.shape)
     flat = topk_ids.flatten()
@@ -30,13 +31,16 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return out
     tok = rows // topk_ids.shape[1]
     width = max(counts[1:])
+    # decode on the CPU: the C loop reads each expert's weights once for all its rows (1.5x MKL's
+    # per-expert GEMMs at 1-12 rows, and no padding)
+    native = grouped is None and width <= cpu_native.MAX_ROWS and cpu_native.usable(x, w13, w2)
     if grouped is None:
         # One batched GEMM saves 2E small launches, but pads every expert to the busiest one. In
         # decode (a few rows per expert, unevenly spread) the padding triples the math while the
         # small GEMMs are bound by reading the weights, which both ways read once: measured on a
-        # 32-expert top-4 model at 24 sequences (one thread), the per-expert loop took 20 % less time. So only
-        # when padding adds at most a quarter.
-        grouped = E * width * 4 <= n * 5
+        # 32-expert top-4 model at 24 sequences (one thread), the per-expert loop took 20 % less
+        # time. So only when padding adds at most a quarter.
+        grouped = not native and E * width * 4 <= n * 5
     if grouped:
         expert = flat[rows]
         starts = torch.cumsum(counts_t[1:], 0) - counts_t[1:]
@@ -45,6 +49,12 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         xs[slot] = x[tok]
         h = torch.bmm(xs.view(E, width, -1), w13.transpose(1, 2))
         ys = torch.bmm(F.silu(h[..., :inter]) * h[..., inter:], w2.transpose(1, 2)).view(E * width, -1)[slot]
+    elif native:
+        xs = x[tok]
+        ys = torch.empty_like(xs)
+        offsets = F.pad(torch.cumsum(counts_t[1:], 0), (1, 0))            # expert e: rows [e], [e+1]
+        cpu_threads.parallel_for(lambda lo, hi: cpu_native.moe_experts(xs, offsets, lo, hi, w13, w2, ys),
+                                 E, x.device)
     else:
         xs = x[tok]
         ys = torch.empty_like(xs)

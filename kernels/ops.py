@@ -3,7 +3,9 @@
 `torch` is the reference and the CPU path; `triton` imports the Triton kernels lazily (so importing
 the model never compiles or needs a GPU). Signatures are those of the torch references.
 """
-from . import fp8, mla, moe, rmsnorm, router
+import torch.nn.functional as F
+
+from . import cpu_native, fp8, mla, moe, rmsnorm, router
 
 BACKENDS = ("torch", "triton")
 
@@ -45,6 +47,14 @@ def fused_moe(x, w13, w2, topk_ids, topk_weights, w13_scale=None, w2_scale=None,
         w13 = fp8.dequant_block_fp8(w13, w13_scale, dtype=x.dtype)
         w2 = fp8.dequant_block_fp8(w2, w2_scale, dtype=x.dtype)
     return moe.fused_moe_torch(x, w13, w2, topk_ids, topk_weights)
+
+
+def linear(x, w):
+    """y = x @ w.T for a plain weight: the C GEMM for a few fp32 rows on the CPU (a decode step),
+    torch's otherwise (the same on every backend: on a GPU it is cuBLAS)."""
+    if x.dim() == 2 and x.shape[0] <= cpu_native.MAX_ROWS and cpu_native.usable(x, w):
+        return cpu_native.linear(x, w)
+    return F.linear(x, w)
 
 
 def fp8_linear(x, w, w_scale_inv, backend="torch"):

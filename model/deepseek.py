@@ -74,7 +74,7 @@ class Linear(nn.Module):
 
     def forward(self, x):
         if self.weight_scale_inv is None:
-            y = F.linear(x, self.weight)
+            y = ops.linear(x, self.weight)
         else:
             y = ops.fp8_linear(x, self.weight, self.weight_scale_inv, backend=self.backend)
         return y if self.bias is None else y + self.bias
@@ -414,7 +414,7 @@ class DeepseekForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.lm_head is None else None
-        return F.linear(hidden, w) if w is not None else self.lm_head(hidden)
+        return ops.linear(hidden, w) if w is not None else self.lm_head(hidden)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]

@@ -1,0 +1,90 @@
+"""The CPU path's C kernels (kernels/cpu_native.c) against torch: the small-row GEMM over every
+remainder of its 3-row x 4-column blocking and of its 8-wide inner loop, split over one and two
+threads; the routed-expert loop through `fused_moe_torch` (it must take the C path, and agree with
+the per-token definition); and the fallback when there is no compiler."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from devices import torch_threads
+from kernels import cpu_native, ops
+from kernels.moe import fused_moe_torch
+
+
+def test_library_builds_here():
+    # CI machines have a C compiler: the C path must be what they test, not the fallback
+    assert cpu_native.library() is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 7, 64])
+@pytest.mark.parametrize("N,K", [(1, 8), (7, 13), (9, 512), (64, 100), (37, 3)])
+def test_linear_matches_fp64(M, N, K, threads):
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    with torch_threads(threads):
+        y = cpu_native.linear(x, w)
+    ref = (x.double() @ w.double().t()).float()
+    assert y.shape == (M, N)
+    torch.testing.assert_close(y, ref, atol=1e-5 * K ** 0.5, rtol=1e-5)
+
+
+def test_ops_linear_uses_c_only_where_it_applies(monkeypatch):
+    calls = []
+    real = cpu_native.linear
+    monkeypatch.setattr(cpu_native, "linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    w = torch.randn(16, 32)
+    for rows in (5, cpu_native.MAX_ROWS, cpu_native.MAX_ROWS + 1):
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    ops.linear(torch.randn(5, 32).double(), w.double())          # not fp32: torch's
+    ops.linear(torch.randn(32, 5).t(), w)                        # not contiguous: torch's
+    assert calls == [5, cpu_native.MAX_ROWS]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_moe_takes_the_c_loop_and_matches_per_token_math(monkeypatch, threads):
+    T, H, INTER, E, K = 9, 40, 24, 6, 2      # H, INTER not multiples of 8: the kernel's tails
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * INTER, H, generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, INTER, generator=g) / INTER ** 0.5
+    ids = torch.stack([torch.randperm(4, generator=g)[:K] for _ in range(T)])
+    ids[0, 1], ids[2, 0], ids[5, 1] = 4, -1, -1    # expert 4: one row; 5: none; -1: another rank's
+    w = torch.rand(T, K, generator=g) + 0.1
+    ran = []
+    real = cpu_native.moe_experts
+    monkeypatch.setattr(cpu_native, "moe_experts", lambda *a: ran.append(a[2:4]) or real(*a))
+    with torch_threads(threads), torch.inference_mode():
+        out = fused_moe_torch(x, w13, w2, ids, w)
+    assert sorted(ran) == ([(0, E)] if threads == 1 else [(0, E // 2), (E // 2, E)])
+    ref = torch.zeros_like(x)
+    for t in range(T):
+        for j in range(K):
+            e = int(ids[t, j])
+            if e >= 0:
+                h = w13[e] @ x[t]
+                ref[t] += w[t, j] * (w2[e] @ (F.silu(h[:INTER]) * h[INTER:]))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setenv("STAGGER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="CPU C kernels unavailable"):
+        assert cpu_native.library() is None
+    assert not cpu_native.usable(torch.ones(2, 2))
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w))   # torch's GEMM serves
+    assert list(tmp_path.iterdir()) == []                          # no half-built file left
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setenv("STAGGER_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_native.library() is None
