@@ -161,3 +161,95 @@ int stagger_moe_experts(const float *xs, const int64_t *offsets, int e_lo, int e
     free(h);
     return 0;
 }
+
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ b [K, N] (row stride ldb), or y += that
+ * when `add`: b's rows run along the sum (the values of attention). A block of 3 rows of x x 32
+ * columns keeps 12 accumulators; each row of b is read once per block of rows of x, from cache
+ * after the first. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void matmul_kn_block(const float *x, int ldx, int R, int K, const float *b, int ldb, float *y,
+                                   int ldy, int V, int add) {
+    __m256 acc[3][4];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < V; j++) acc[r][j] = add ? _mm256_loadu_ps(y + (size_t)r * ldy + 8 * j) : _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m256 bv[4];
+        for (int j = 0; j < V; j++) bv[j] = _mm256_loadu_ps(b + (size_t)k * ldb + 8 * j);
+        for (int r = 0; r < R; r++) {
+            __m256 xr = _mm256_broadcast_ss(x + (size_t)r * ldx + k);
+            for (int j = 0; j < V; j++) acc[r][j] = _mm256_fmadd_ps(xr, bv[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < V; j++) _mm256_storeu_ps(y + (size_t)r * ldy + 8 * j, acc[r][j]);
+}
+
+static void matmul_kn_plain(const float *x, int ldx, int M, int K, const float *b, int ldb, int n0, int N,
+                            float *y, int ldy, int add) {
+    for (int m = 0; m < M; m++)
+        for (int n = n0; n < N; n++) {
+            float s = add ? y[(size_t)m * ldy + n] : 0.f;
+            for (int k = 0; k < K; k++) s += x[(size_t)m * ldx + k] * b[(size_t)k * ldb + n];
+            y[(size_t)m * ldy + n] = s;
+        }
+}
+
+__attribute__((target("avx2,fma")))
+static void matmul_kn_avx2(const float *x, int ldx, int M, int K, const float *b, int ldb, int N, float *y,
+                           int ldy, int add) {
+    const int N8 = N & ~7;
+    for (int n = 0; n < N8; n += 32) {
+        int V = (N8 - n) / 8 < 4 ? (N8 - n) / 8 : 4;
+        for (int m = 0; m < M; m += 3) {
+            int R = M - m < 3 ? M - m : 3;
+            const float *xm = x + (size_t)m * ldx;
+            float *ym = y + (size_t)m * ldy + n;
+            /* constant block sizes in the common case, so the compiler unrolls it */
+            if (R == 3 && V == 4) matmul_kn_block(xm, ldx, 3, K, b + n, ldb, ym, ldy, 4, add);
+            else matmul_kn_block(xm, ldx, R, K, b + n, ldb, ym, ldy, V, add);
+        }
+    }
+    matmul_kn_plain(x, ldx, M, K, b, ldb, N8, N, y, ldy, add);
+}
+
+static void matmul_kn(const float *x, int ldx, int M, int K, const float *b, int ldb, int N, float *y, int ldy,
+                      int add) {
+    if (has_avx2 < 0) has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (has_avx2) matmul_kn_avx2(x, ldx, M, K, b, ldb, N, y, ldy, add);
+    else matmul_kn_plain(x, ldx, M, K, b, ldb, 0, N, y, ldy, add);
+}
+
+/* Absorbed MLA decode of one query token: its H heads q [H, D] share one latent key/value head,
+ * the first S rows of its sequence in the paged cache (pages of `page` rows of D = latent Dl +
+ * rope columns; `blocks` lists the sequence's pages in order). out [H, Dl] = softmax(scale q
+ * kv^T) kv[:, :Dl]. Runs of consecutive pages are read as one; two passes over the rows (scores,
+ * then values), the second from cache. Returns 0, or -1 when scratch memory cannot be had. */
+int stagger_mla_decode(const float *q, int H, int D, const float *cache, const int32_t *blocks, int page,
+                       int S, int Dl, float scale, float *out) {
+    float *p = malloc(sizeof(float) * (size_t)H * (S > 0 ? S : 1));
+    if (!p) return -1;
+    for (int s0 = 0, i = 0; s0 < S;) {   /* scores, one run of consecutive pages at a time */
+        int j = i + 1;
+        while (j * page < S && blocks[j] == blocks[j - 1] + 1) j++;
+        int rows = (j * page < S ? j * page : S) - s0;
+        linear(q, H, D, cache + (size_t)blocks[i] * page * D, rows, p + s0, S);
+        s0 += rows, i = j;
+    }
+    for (int h = 0; h < H; h++) {   /* softmax over the rows, in place */
+        float *ph = p + (size_t)h * S, top = -INFINITY, sum = 0.f;
+        for (int s = 0; s < S; s++) top = ph[s] * scale > top ? ph[s] * scale : top;
+        for (int s = 0; s < S; s++) sum += (ph[s] = expf(ph[s] * scale - top));
+        for (int s = 0; s < S; s++) ph[s] /= sum;
+    }
+    if (S == 0)
+        for (size_t k = 0; k < (size_t)H * Dl; k++) out[k] = 0.f;
+    for (int s0 = 0, i = 0; s0 < S;) {   /* values, the same runs, summed into out */
+        int j = i + 1;
+        while (j * page < S && blocks[j] == blocks[j - 1] + 1) j++;
+        int rows = (j * page < S ? j * page : S) - s0;
+        matmul_kn(p + s0, S, H, rows, cache + (size_t)blocks[i] * page * D, D, Dl, out, Dl, s0 > 0);
+        s0 += rows, i = j;
+    }
+    free(p);
+    return 0;
+}

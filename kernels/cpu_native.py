@@ -65,6 +65,8 @@ def library():
                 lib.stagger_linear.restype = None
                 lib.stagger_moe_experts.argtypes = [p, p, i, i, p, p, i, i, p]
                 lib.stagger_moe_experts.restype = ctypes.c_int
+                lib.stagger_mla_decode.argtypes = [p, i, i, p, p, i, i, i, ctypes.c_float, p]
+                lib.stagger_mla_decode.restype = ctypes.c_int
                 _lib = lib
     return _lib or None
 
@@ -96,3 +98,17 @@ def moe_experts(xs, offsets, lo, hi, w13, w2, ys) -> None:
                                        w2.data_ptr(), hidden, inter, ys.data_ptr())
     if rc != 0:
         raise MemoryError("CPU MoE kernel: no scratch memory")
+
+
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, rows: int, latent: int,
+               scale: float, out: torch.Tensor) -> None:
+    """One query token's heads q [H, D] over the first `rows` rows of its sequence in the paged
+    cache [pages, page, D] (its pages: `blocks`, int32, contiguous):
+    out [H, latent] = softmax(scale q kv^T) kv[:, :latent]."""
+    H, D = q.shape
+    if blocks.dtype != torch.int32 or not blocks.is_contiguous():
+        raise ValueError("mla_decode: the block list must be contiguous int32")
+    rc = library().stagger_mla_decode(q.data_ptr(), H, D, cache.data_ptr(), blocks.data_ptr(), cache.shape[1],
+                                      rows, latent, scale, out.data_ptr())
+    if rc != 0:
+        raise MemoryError("CPU MLA decode kernel: no scratch memory")

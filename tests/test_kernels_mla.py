@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from devices import KERNEL_DTYPES, TOL, torch_threads
+from kernels import cpu_native
 from kernels.mla import mla_decode_torch, write_kv_torch
 from kernels.kv_write_triton import write_kv_triton
 from kernels.mla_decode_triton import mla_decode_triton
@@ -149,13 +150,21 @@ def _naive_decode(q, cache, table, seq_lens, qsl, scale, d_lat):
     return out
 
 
+@pytest.mark.parametrize("path", ["c", "torch"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
 @pytest.mark.parametrize("q_lens", [[1, 1, 1, 1, 1], [2, 0, 1, 3, 1]])
-def test_torch_decode_reference_matches_naive_per_sequence(q_lens, layout, threads):
+def test_torch_decode_reference_matches_naive_per_sequence(q_lens, layout, threads, path, monkeypatch):
     # sequences spanning 1, 2 and 3 pages, poisoned pages past every sequence's end, one sequence
     # with no query; pages shuffled (copied) or each sequence's in order (read in place, except
-    # sequence 3 whose last page is elsewhere: both kinds in one step); one thread or two
+    # sequence 3 whose last page is elsewhere: both kinds in one step); one thread or two; the C
+    # kernel (one call per query token) or torch's fused attention
+    calls = []
+    if path == "torch":
+        monkeypatch.setattr(cpu_native, "_lib", False)
+    else:
+        real = cpu_native.mla_decode
+        monkeypatch.setattr(cpu_native, "mla_decode", lambda *a: calls.append(a[3]) or real(*a))
     seq_lens = [5, 40, 16, 33, 17]
     q, cache, table, qsl, scale = _case(seq_lens, q_lens, 4, 24, 8, 16, torch.float32, seed=11)
     if layout == "consecutive":
@@ -175,8 +184,11 @@ def test_torch_decode_reference_matches_naive_per_sequence(q_lens, layout, threa
         cache2 = torch.randn_like(cache)
         out2 = mla_decode_torch(q, cache2, table, seq_lens, qsl, scale, 24, cached)
         torch.testing.assert_close(out2, _naive_decode(q, cache2, table, seq_lens, qsl, scale, 24))
-    in_place = [isinstance(where, int) for _, _, _, where, _ in cached[("mla_decode_plan", q.device)]]
+    in_place = [isinstance(where, int) for _, _, _, _, where, _ in cached[("mla_decode_plan", q.device)]]
     queried = [b for b, n in enumerate(q_lens) if n]
+    # the C kernel: each query token over exactly the rows it may see, twice (two layers)
+    seen = [n - q_lens[b] + j + 1 for b, n in enumerate(seq_lens) for j in range(q_lens[b])]
+    assert sorted(calls) == (sorted(seen * 2) if path == "c" else [])
     # a one-page sequence is read in place whatever the layout
     assert in_place == [layout == "consecutive" and b != 3 or seq_lens[b] <= 16 for b in queried]
 

@@ -88,3 +88,24 @@ def test_turned_off_by_the_environment(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu_native.library() is None
+
+
+@pytest.mark.parametrize("H", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("D,latent", [(576, 512), (41, 37), (24, 8), (7, 5)])
+@pytest.mark.parametrize("S", [1, 9, 100])
+def test_mla_decode_matches_softmax_attention(H, D, latent, S):
+    """One query token's heads over S shared latent rows in a paged cache, every remainder of the
+    value pass's 3-row x 32-column blocks and of its 8-wide vectors, against fp64 softmax attention."""
+    g = torch.Generator().manual_seed(H * 100 + D + S)
+    q, kv = torch.randn(H, D, generator=g), torch.randn(S, D, generator=g)
+    scale = D ** -0.5
+    # pages of 4 rows: two runs of consecutive pages (each read as one) with a gap between them
+    pages = -(-S // 4)
+    cache = torch.full((pages + 5, 4, D), 1e4)                  # poison: any page not listed
+    i = torch.arange(pages, dtype=torch.int32)
+    blocks = (i + 2 + 3 * (i >= pages // 2)).int()
+    cache.view(-1, D)[(blocks[:, None] * 4 + torch.arange(4)).flatten()[:S]] = kv
+    out = torch.full((H, latent), float("nan"))
+    cpu_native.mla_decode(q, cache, blocks, S, latent, scale, out)
+    p = (q.double() @ kv.double().t() * scale).softmax(-1)
+    torch.testing.assert_close(out, (p @ kv.double()[:, :latent]).float(), atol=1e-5, rtol=1e-5)
