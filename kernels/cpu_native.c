@@ -204,8 +204,11 @@ static void matmul_kn_avx2(const float *x, int ldx, int M, int K, const float *b
             int R = M - m < 3 ? M - m : 3;
             const float *xm = x + (size_t)m * ldx;
             float *ym = y + (size_t)m * ldy + n;
-            /* constant block sizes in the common case, so the compiler unrolls it */
-            if (R == 3 && V == 4) matmul_kn_block(xm, ldx, 3, K, b + n, ldb, ym, ldy, 4, add);
+            /* constant block sizes for whole 32-column blocks, so the compiler unrolls them and
+               keeps the accumulators in registers (with variable sizes they live in memory) */
+            if (V == 4 && R == 3) matmul_kn_block(xm, ldx, 3, K, b + n, ldb, ym, ldy, 4, add);
+            else if (V == 4 && R == 2) matmul_kn_block(xm, ldx, 2, K, b + n, ldb, ym, ldy, 4, add);
+            else if (V == 4) matmul_kn_block(xm, ldx, 1, K, b + n, ldb, ym, ldy, 4, add);
             else matmul_kn_block(xm, ldx, R, K, b + n, ldb, ym, ldy, V, add);
         }
     }
