@@ -120,10 +120,17 @@ static void linear_avx2(const float *x, int M, int K, const float *w, int N, flo
 
 static int has_avx2 = -1;
 
+/* Many rows (prefill) go in chunks of about 192 kB of x, which stay in L2 while every weight block
+ * passes over them: unchunked, each block of 4 weight rows would stream all of x from memory. */
 static void linear(const float *x, int M, int K, const float *w, int N, float *y, int ldy) {
     if (has_avx2 < 0) has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (has_avx2) linear_avx2(x, M, K, w, N, y, ldy);
-    else linear_plain(x, M, K, w, N, y, ldy);
+    int chunk = 49152 / (K > 0 ? K : 1);
+    chunk = chunk < 12 ? 12 : chunk - chunk % 3;
+    for (int m = 0; m < M; m += chunk) {
+        int rows = M - m < chunk ? M - m : chunk;
+        if (has_avx2) linear_avx2(x + (size_t)m * K, rows, K, w, N, y + (size_t)m * ldy, ldy);
+        else linear_plain(x + (size_t)m * K, rows, K, w, N, y + (size_t)m * ldy, ldy);
+    }
 }
 
 /* columns n_lo .. n_hi-1 of y [M, N] = x [M, K] @ w [N, K]^T, all contiguous (callers on several

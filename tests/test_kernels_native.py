@@ -1,7 +1,8 @@
 """The CPU path's C kernels (kernels/cpu_native.c) against torch: the small-row GEMM over every
-remainder of its 3-row x 4-column blocking and of its 8-wide inner loop, split over one and two
-threads; the routed-expert loop through `fused_moe_torch` (it must take the C path, and agree with
-the per-token definition); and the fallback when there is no compiler."""
+remainder of its 3-row x 4-column blocking, of its 8-wide inner loop and of its chunks of rows,
+split over one and two threads; the routed-expert loop through `fused_moe_torch` (it must take
+the C path, and agree with the per-token definition); the MLA decode over a paged cache; and the
+fallback when there is no compiler."""
 import warnings
 
 import pytest
@@ -19,8 +20,8 @@ def test_library_builds_here():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 7, 64])
-@pytest.mark.parametrize("N,K", [(1, 8), (7, 13), (9, 512), (64, 100), (37, 3)])
+@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 7, 33, 64, 151])     # 151 x 512: two chunks of x
+@pytest.mark.parametrize("N,K", [(1, 8), (7, 13), (9, 512), (64, 100), (37, 3), (20, 1000)])
 def test_linear_matches_fp64(M, N, K, threads):
     g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
