@@ -7,10 +7,17 @@
  * AVX2+FMA when the CPU has it (chosen at run time), plain C otherwise. Sums run in a different
  * order from MKL's: results agree to fp32 rounding, not bit for bit.
  */
+#define _GNU_SOURCE
 #include <immintrin.h>
+#include <linux/futex.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 /* y[m * ldy + n] = sum_k x[m * K + k] * w[n * K + k], for m < M, n < N */
 static void linear_plain(const float *x, int M, int K, const float *w, int N, float *y, int ldy) {
@@ -133,9 +140,8 @@ static void linear(const float *x, int M, int K, const float *w, int N, float *y
     }
 }
 
-/* columns n_lo .. n_hi-1 of y [M, N] = x [M, K] @ w [N, K]^T, all contiguous (callers on several
- * threads each take their own columns) */
-void stagger_linear(const float *x, int M, int K, const float *w, int N, float *y, int n_lo, int n_hi) {
+/* columns n_lo .. n_hi-1 of y [M, N] = x [M, K] @ w [N, K]^T, all contiguous */
+static void linear_columns(const float *x, int M, int K, const float *w, int N, float *y, int n_lo, int n_hi) {
     linear(x, M, K, w + (size_t)n_lo * K, n_hi - n_lo, y + n_lo, N);
 }
 
@@ -143,7 +149,7 @@ void stagger_linear(const float *x, int M, int K, const float *w, int N, float *
  * offsets[e] .. offsets[e+1]-1 of xs [rows, H] and writes the same rows of ys [rows, H].
  * w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]: ys = (silu(x Wg^T) * (x Wu^T)) W2^T.
  * Returns 0, or -1 when scratch memory cannot be had. */
-int stagger_moe_experts(const float *xs, const int64_t *offsets, int e_lo, int e_hi,
+static int moe_experts(const float *xs, const int64_t *offsets, int e_lo, int e_hi,
                         const float *w13, const float *w2, int H, int I, float *ys) {
     int most = 0;
     for (int e = e_lo; e < e_hi; e++)
@@ -234,7 +240,7 @@ static void matmul_kn(const float *x, int ldx, int M, int K, const float *b, int
  * rope columns; `blocks` lists the sequence's pages in order). out [H, Dl] = softmax(scale q
  * kv^T) kv[:, :Dl]. Runs of consecutive pages are read as one; two passes over the rows (scores,
  * then values), the second from cache. Returns 0, or -1 when scratch memory cannot be had. */
-int stagger_mla_decode(const float *q, int H, int D, const float *cache, const int32_t *blocks, int page,
+static int mla_decode(const float *q, int H, int D, const float *cache, const int32_t *blocks, int page,
                        int S, int Dl, float scale, float *out) {
     float *p = malloc(sizeof(float) * (size_t)H * (S > 0 ? S : 1));
     if (!p) return -1;
@@ -262,4 +268,193 @@ int stagger_mla_decode(const float *q, int H, int D, const float *cache, const i
     }
     free(p);
     return 0;
+}
+
+/* ---- threads ---------------------------------------------------------------------------------
+ * The entry points below split their work over `threads` parts: the caller runs the first, pool
+ * workers the others. A worker spins for a while after each part before it sleeps on a futex, so
+ * the calls of one decode step (tens, ~0.1-1 ms apart) reach it in about a microsecond; handing a
+ * part to a Python thread cost ~70 us a call. Parts write disjoint outputs. One caller at a time: a
+ * concurrent caller runs its work alone. A forked child starts without workers and makes its own. */
+#define MAX_WORKERS 31
+#define SPIN_NS 300000L   /* about as long as OpenMP's default spin before sleeping */
+
+typedef void (*part_fn)(const void *args, int part, int lo, int hi);
+
+static struct worker {
+    atomic_int posted, finished, sleeping;
+    part_fn fn;
+    const void *args;
+    int part, lo, hi;
+} workers[MAX_WORKERS];
+static int started;                                  /* workers running in this process */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void *worker_loop(void *arg) {
+    struct worker *w = arg;
+    int seen = 0;
+    for (;;) {
+        long t0 = now_ns();
+        int spins = 0;
+        while (atomic_load(&w->posted) == seen) {
+            _mm_pause();
+            if (++spins % 256 == 0 && now_ns() - t0 > SPIN_NS) {
+                atomic_store(&w->sleeping, 1);
+                if (atomic_load(&w->posted) == seen)
+                    syscall(SYS_futex, &w->posted, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+                atomic_store(&w->sleeping, 0);
+                t0 = now_ns();
+            }
+        }
+        seen = atomic_load(&w->posted);
+        w->fn(w->args, w->part, w->lo, w->hi);
+        atomic_store(&w->finished, seen);
+    }
+    return NULL;
+}
+
+static void forget_workers(void) { started = 0; }   /* in a forked child: the threads are gone */
+
+static void at_fork(void) { pthread_atfork(NULL, NULL, forget_workers); }
+
+/* parts [bounds[i], bounds[i+1]) for i < parts */
+static void run_parts(part_fn fn, const void *args, const int *bounds, int parts) {
+    pthread_once(&atfork_once, at_fork);
+    if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
+    if (parts < 2 || pthread_mutex_trylock(&pool_lock) != 0) {
+        fn(args, 0, bounds[0], bounds[parts]);
+        return;
+    }
+    for (; started < parts - 1; started++) {
+        struct worker *w = &workers[started];
+        atomic_store(&w->posted, 0);
+        atomic_store(&w->finished, 0);
+        atomic_store(&w->sleeping, 0);
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker_loop, w) != 0) break;
+        pthread_detach(t);
+    }
+    /* fewer workers than asked (a thread could not be made): the last one takes the rest */
+    int used = started + 1 < parts ? started + 1 : parts, last = bounds[parts];
+    int tickets[MAX_WORKERS];
+    for (int i = 1; i < used; i++) {
+        struct worker *w = &workers[i - 1];
+        w->fn = fn, w->args = args, w->part = i, w->lo = bounds[i];
+        w->hi = i + 1 < used ? bounds[i + 1] : last;
+        tickets[i - 1] = atomic_load(&w->posted) + 1;
+        atomic_store(&w->posted, tickets[i - 1]);
+        if (atomic_load(&w->sleeping)) syscall(SYS_futex, &w->posted, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    }
+    fn(args, 0, bounds[0], used > 1 ? bounds[1] : last);
+    for (int i = 1; i < used; i++)
+        while (atomic_load(&workers[i - 1].finished) != tickets[i - 1]) _mm_pause();
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* boundaries of `parts` parts over n items: equal counts, or (cost given) equal summed cost */
+static void split(int n, int parts, const int64_t *cost, int *bounds) {
+    int64_t total = 0;
+    if (cost)
+        for (int i = 0; i < n; i++) total += cost[i];
+    bounds[0] = 0;
+    if (total <= 0) {
+        for (int p = 1; p <= parts; p++) bounds[p] = (int)((int64_t)n * p / parts);
+        return;
+    }
+    int64_t run = 0;
+    int i = 0;
+    for (int p = 1; p < parts; p++) {
+        /* take the next item while that brings the running sum nearer to this part's share */
+        while (i < n && (2 * run + cost[i]) * parts <= 2 * total * p) run += cost[i++];
+        bounds[p] = i;
+    }
+    bounds[parts] = n;
+}
+
+static int clamp_parts(int threads, int n) {
+    int parts = threads < n ? threads : n;
+    if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
+    return parts < 1 ? 1 : parts;
+}
+
+/* y [M, N] = x [M, K] @ w [N, K]^T, all contiguous; columns split in blocks of 4 */
+struct linear_args { const float *x, *w; float *y; int M, K, N; };
+
+static void linear_part(const void *a, int part, int lo, int hi) {
+    const struct linear_args *l = a;
+    (void)part;
+    linear_columns(l->x, l->M, l->K, l->w, l->N, l->y, 4 * lo, 4 * hi < l->N ? 4 * hi : l->N);
+}
+
+void stagger_linear(const float *x, int M, int K, const float *w, int N, float *y, int threads) {
+    struct linear_args a = {x, w, y, M, K, N};
+    int blocks = (N + 3) / 4, parts = clamp_parts(threads, blocks), bounds[MAX_WORKERS + 2];
+    split(blocks, parts, NULL, bounds);
+    run_parts(linear_part, &a, bounds, parts);
+}
+
+/* the routed experts of rows sorted by expert (see moe_experts), experts split by their cost:
+ * reading an expert's weights is worth about 6 rows of its math here, an expert with no rows 0 */
+struct moe_args { const float *xs, *w13, *w2; const int64_t *offsets; float *ys; int H, I; atomic_int failed; };
+
+static void moe_part(const void *a, int part, int lo, int hi) {
+    struct moe_args *m = (struct moe_args *)a;
+    (void)part;
+    if (moe_experts(m->xs, m->offsets, lo, hi, m->w13, m->w2, m->H, m->I, m->ys)) atomic_store(&m->failed, 1);
+}
+
+int stagger_moe_experts(const float *xs, const int64_t *offsets, int E, const float *w13, const float *w2,
+                        int H, int I, float *ys, int threads) {
+    struct moe_args a = {xs, w13, w2, offsets, ys, H, I, 0};
+    int64_t *cost = calloc(E > 0 ? E : 1, sizeof(int64_t));
+    if (!cost) return -1;
+    for (int e = 0; e < E; e++) {
+        int64_t rows = offsets[e + 1] - offsets[e];
+        cost[e] = rows ? 6 + rows : 0;
+    }
+    int parts = clamp_parts(threads, E), bounds[MAX_WORKERS + 2];
+    split(E, parts, cost, bounds);
+    free(cost);
+    run_parts(moe_part, &a, bounds, parts);
+    return atomic_load(&a.failed) ? -1 : 0;
+}
+
+/* Absorbed MLA decode of n query tokens: token i is row tok[i] of q [T, H, D] and out [T, H, Dl],
+ * attends the first rows[i] rows of sequence seq[i], whose pages are row seq[i] of `tables`
+ * (row stride ld). Tokens split over the threads by their context length. */
+struct mla_args {
+    const float *q, *cache; const int32_t *tables, *tok, *seq, *rows; float *out;
+    int H, D, page, ld, Dl; float scale; atomic_int failed;
+};
+
+static void mla_part(const void *a, int part, int lo, int hi) {
+    struct mla_args *m = (struct mla_args *)a;
+    (void)part;
+    for (int i = lo; i < hi; i++) {
+        size_t t = (size_t)m->tok[i];
+        if (mla_decode(m->q + t * m->H * m->D, m->H, m->D, m->cache, m->tables + (size_t)m->seq[i] * m->ld,
+                       m->page, m->rows[i], m->Dl, m->scale, m->out + t * m->H * m->Dl))
+            atomic_store(&m->failed, 1);
+    }
+}
+
+int stagger_mla_decode(const float *q, int H, int D, const float *cache, int page, const int32_t *tables, int ld,
+                       int n, const int32_t *tok, const int32_t *seq, const int32_t *rows, int Dl, float scale,
+                       float *out, int threads) {
+    struct mla_args a = {q, cache, tables, tok, seq, rows, out, H, D, page, ld, Dl, scale, 0};
+    int64_t *cost = calloc(n > 0 ? n : 1, sizeof(int64_t));
+    if (!cost) return -1;
+    for (int i = 0; i < n; i++) cost[i] = rows[i];
+    int parts = clamp_parts(threads, n), bounds[MAX_WORKERS + 2];
+    split(n, parts, cost, bounds);
+    free(cost);
+    run_parts(mla_part, &a, bounds, parts);
+    return atomic_load(&a.failed) ? -1 : 0;
 }

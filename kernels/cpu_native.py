@@ -1,11 +1,12 @@
-"""The C kernels of the CPU path (kernels/cpu_native.c): small-batch fp32 GEMMs and the routed
-experts of a decode step, which read each weight once while they compute (MKL's small-row sgemm
-reads, then computes).
+"""The C kernels of the CPU path (kernels/cpu_native.c): small-batch fp32 GEMMs, the routed
+experts and the MLA decode of a decode step, which read each weight (or cache row) once while they
+compute (MKL's small-row sgemm reads, then computes).
 
 Built on first use with the system's C compiler into a cache folder keyed by the source's hash
-(`STAGGER_CACHE_DIR`, default ~/.cache/stagger), then loaded with ctypes, whose calls release the
-GIL, so `cpu_threads.parallel_for` runs them side by side. `STAGGER_NATIVE=0` turns them off; so
-does a machine without a compiler (the torch path then serves, and one warning says why).
+(`STAGGER_CACHE_DIR`, default ~/.cache/stagger), then loaded with ctypes (whose calls release the
+GIL). Each call splits its work over torch's thread count with a pool of C threads of its own.
+`STAGGER_NATIVE=0` turns them off; so does a machine without a compiler (the torch path then
+serves, and one warning says why).
 """
 import ctypes
 import hashlib
@@ -16,8 +17,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from . import cpu_threads
 
 _SRC = Path(__file__).with_suffix(".c")
 _lib = None          # the loaded library, False once it could not be had
@@ -36,7 +35,7 @@ def _build() -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         cc = os.environ.get("CC", "cc")
-        cmd = [cc, "-O3", "-shared", "-fPIC", "-o", tmp, str(_SRC), "-lm"]
+        cmd = [cc, "-O3", "-shared", "-fPIC", "-o", tmp, str(_SRC), "-lm", "-lpthread"]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             os.replace(tmp, out)
@@ -61,11 +60,11 @@ def library():
                 _lib = False
             else:
                 p, i = ctypes.c_void_p, ctypes.c_int
-                lib.stagger_linear.argtypes = [p, i, i, p, i, p, i, i]
+                lib.stagger_linear.argtypes = [p, i, i, p, i, p, i]
                 lib.stagger_linear.restype = None
-                lib.stagger_moe_experts.argtypes = [p, p, i, i, p, p, i, i, p]
+                lib.stagger_moe_experts.argtypes = [p, p, i, p, p, i, i, p, i]
                 lib.stagger_moe_experts.restype = ctypes.c_int
-                lib.stagger_mla_decode.argtypes = [p, i, i, p, p, i, i, i, ctypes.c_float, p]
+                lib.stagger_mla_decode.argtypes = [p, i, i, p, i, p, i, i, p, p, p, i, ctypes.c_float, p, i]
                 lib.stagger_mla_decode.restype = ctypes.c_int
                 _lib = lib
     return _lib or None
@@ -79,36 +78,35 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T, for fp32 contiguous CPU tensors (see `usable`); the columns are split
-    over torch's threads in blocks of 4 weight rows."""
+    over torch's threads."""
     M, K = x.shape
-    N = w.shape[0]
-    y = x.new_empty(M, N)
-    fn = library().stagger_linear
-
-    def columns(lo, hi):
-        fn(x.data_ptr(), M, K, w.data_ptr(), N, y.data_ptr(), 4 * lo, min(4 * hi, N))
-    cpu_threads.parallel_for(columns, -(-N // 4), x.device)
+    y = x.new_empty(M, w.shape[0])
+    threads = torch.get_num_threads()
+    library().stagger_linear(x.data_ptr(), M, K, w.data_ptr(), w.shape[0], y.data_ptr(), threads)
     return y
 
 
-def moe_experts(xs, offsets, lo, hi, w13, w2, ys) -> None:
-    """Experts lo..hi-1 over rows sorted by expert (`offsets` int64 [E + 1]): ys rows written."""
+def moe_experts(xs, offsets, w13, w2, ys) -> None:
+    """Every expert over rows sorted by expert (`offsets` int64 [E + 1]: expert e's rows are
+    offsets[e] .. offsets[e + 1]); ys rows written. Experts split over torch's threads."""
     inter, hidden = w2.shape[-1], w2.shape[-2]
-    rc = library().stagger_moe_experts(xs.data_ptr(), offsets.data_ptr(), lo, hi, w13.data_ptr(),
-                                       w2.data_ptr(), hidden, inter, ys.data_ptr())
+    rc = library().stagger_moe_experts(xs.data_ptr(), offsets.data_ptr(), w13.shape[0], w13.data_ptr(),
+                                       w2.data_ptr(), hidden, inter, ys.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("CPU MoE kernel: no scratch memory")
 
 
-def mla_decode(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, rows: int, latent: int,
-               scale: float, out: torch.Tensor) -> None:
-    """One query token's heads q [H, D] over the first `rows` rows of its sequence in the paged
-    cache [pages, page, D] (its pages: `blocks`, int32, contiguous):
-    out [H, latent] = softmax(scale q kv^T) kv[:, :latent]."""
-    H, D = q.shape
-    if blocks.dtype != torch.int32 or not blocks.is_contiguous():
-        raise ValueError("mla_decode: the block list must be contiguous int32")
-    rc = library().stagger_mla_decode(q.data_ptr(), H, D, cache.data_ptr(), blocks.data_ptr(), cache.shape[1],
-                                      rows, latent, scale, out.data_ptr())
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, tok: torch.Tensor,
+               seq: torch.Tensor, rows: torch.Tensor, latent: int, scale: float, out: torch.Tensor) -> None:
+    """Query tokens tok[i] of q [T, H, D] over the first rows[i] rows of sequence seq[i] in the
+    paged cache [pages, page, D] (its pages: row seq[i] of `tables`); int32 index tensors:
+    out[tok[i]] [H, latent] = softmax(scale q kv^T) kv[:, :latent]. Tokens split over torch's threads."""
+    T, H, D = q.shape
+    for t in (tables, tok, seq, rows):
+        if t.dtype != torch.int32 or not t.is_contiguous():
+            raise ValueError("mla_decode: index tensors must be contiguous int32")
+    rc = library().stagger_mla_decode(q.data_ptr(), H, D, cache.data_ptr(), cache.shape[1], tables.data_ptr(),
+                                      tables.shape[1], tok.shape[0], tok.data_ptr(), seq.data_ptr(),
+                                      rows.data_ptr(), latent, scale, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("CPU MLA decode kernel: no scratch memory")

@@ -62,6 +62,19 @@ def _decode_plan(block_table, seq_lens, query_start_loc, bs, dev):
     return plan
 
 
+def _decode_tokens(block_table, seq_lens, query_start_loc):
+    """The C kernel's work list (built once per step, shared by every layer): the block table as
+    int32, and per query token its row, its sequence and how many cache rows it sees."""
+    tok, seq, rows = [], [], []
+    for b, n in enumerate(seq_lens):
+        q0, q1 = query_start_loc[b], query_start_loc[b + 1]
+        tok += range(q0, q1)
+        seq += [b] * (q1 - q0)
+        rows += range(n - (q1 - q0) + 1, n + 1)
+    tok, seq, rows = (torch.tensor(v, dtype=torch.int32) for v in (tok, seq, rows))
+    return block_table.to(torch.int32).contiguous(), tok, seq, rows
+
+
 def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: list[int], query_start_loc: list[int], scale: float,
                      kv_lora_rank: int, cache: dict | None = None) -> torch.Tensor:
@@ -74,27 +87,31 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     out = q.new_empty(T, q.shape[1], kv_lora_rank)
     if T == 0:
         return out
+    flat = kv_cache.view(-1, D)
+    # fp32 math, except a bf16 query over a bf16 cache: read as is (bf16 GEMMs accumulate in fp32;
+    # a cast would copy the context again), softmax in fp32
+    cdt = torch.bfloat16 if q.dtype == kv_cache.dtype == torch.bfloat16 else torch.float32
+
+    if cdt == torch.float32 and cpu_native.usable(q, kv_cache):
+        # the C kernel: every query token over exactly the rows it may see, pages read in place
+        key = ("mla_decode_tokens", q.device)
+        tokens = cache.get(key) if cache is not None else None
+        if tokens is None:
+            tokens = _decode_tokens(block_table, seq_lens, query_start_loc)
+            if cache is not None:
+                cache[key] = tokens
+        cpu_native.mla_decode(q, kv_cache, *tokens, kv_lora_rank, scale, out)
+        return out
+
     key = ("mla_decode_plan", q.device)
     plan = cache.get(key) if cache is not None else None
     if plan is None:
         plan = _decode_plan(block_table, seq_lens, query_start_loc, kv_cache.shape[1], q.device)
         if cache is not None:
             cache[key] = plan
-    flat = kv_cache.view(-1, D)
-    # fp32 math, except a bf16 query over a bf16 cache: read as is (bf16 GEMMs accumulate in fp32;
-    # a cast would copy the context again), softmax in fp32
-    cdt = torch.bfloat16 if q.dtype == kv_cache.dtype == torch.bfloat16 else torch.float32
-
-    native = cdt == torch.float32 and cpu_native.usable(q, kv_cache)
-    table = block_table.to(torch.int32).contiguous() if native else None
 
     def sequences(lo, hi):
         for b, q0, q1, n, where, mask in plan[lo:hi]:
-            if native:   # the C kernel reads the pages in place, each query token over what it may see
-                for j in range(q0, q1):
-                    rows = n - q1 + j + 1
-                    cpu_native.mla_decode(q[j], kv_cache, table[b], rows, kv_lora_rank, scale, out[j])
-                continue
             if isinstance(where, int):
                 kv = flat[where:where + n]
             else:   # one flat row copy per block (index_select is a plain memcpy per row)

@@ -53,8 +53,7 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         xs = x[tok]
         ys = torch.empty_like(xs)
         offsets = F.pad(torch.cumsum(counts_t[1:], 0), (1, 0))            # expert e: rows [e], [e+1]
-        cpu_threads.parallel_for(lambda lo, hi: cpu_native.moe_experts(xs, offsets, lo, hi, w13, w2, ys),
-                                 E, x.device)
+        cpu_native.moe_experts(xs, offsets, w13, w2, ys)
     else:
         xs = x[tok]
         ys = torch.empty_like(xs)
