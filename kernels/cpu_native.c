@@ -12,6 +12,7 @@
 #include <linux/futex.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -271,23 +272,30 @@ static int mla_decode(const float *q, int H, int D, const float *cache, const in
 }
 
 /* ---- threads ---------------------------------------------------------------------------------
- * The entry points below split their work over `threads` parts: the caller runs the first, pool
- * workers the others. A worker spins for a while after each part before it sleeps on a futex, so
- * the calls of one decode step (tens, ~0.1-1 ms apart) reach it in about a microsecond; handing a
- * part to a Python thread cost ~70 us a call. Parts write disjoint outputs. One caller at a time: a
- * concurrent caller runs its work alone. A forked child starts without workers and makes its own. */
+ * The entry points below cut their work into a few parts per thread, which the caller and pool
+ * workers claim one at a time. A worker spins for a while after its last part before it sleeps on
+ * a futex, so the calls of one decode step (tens, ~0.1-1 ms apart) reach it in about a
+ * microsecond; handing a part to a Python thread cost ~70 us a call. Parts are claimed, not
+ * assigned: torch's OpenMP workers spin after their own regions too, and a worker of ours that
+ * cannot get a core then simply claims nothing while the caller does the rest (assigned parts made
+ * the caller wait for it: 2-thread decode 1.5x slower). Parts write disjoint outputs. One caller at
+ * a time: a concurrent caller runs its work alone. A forked child makes its own workers. */
 #define MAX_WORKERS 31
+#define MAX_PARTS 128
 #define SPIN_NS 300000L   /* about as long as OpenMP's default spin before sleeping */
 
-typedef void (*part_fn)(const void *args, int part, int lo, int hi);
+typedef void (*part_fn)(const void *args, int lo, int hi);
 
-static struct worker {
-    atomic_int posted, finished, sleeping;
+static struct job {
     part_fn fn;
     const void *args;
-    int part, lo, hi;
-} workers[MAX_WORKERS];
+    int parts, bounds[MAX_PARTS + 1];
+    _Atomic uint64_t claim;   /* generation << 32 | next part: a stale worker cannot claim */
+    atomic_int done;
+} job;
+static struct worker { atomic_int posted, sleeping; } workers[MAX_WORKERS];
 static int started;                                  /* workers running in this process */
+static uint32_t generation;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
@@ -297,15 +305,27 @@ static long now_ns(void) {
     return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
+/* claim and run parts of the current job until none is left */
+static void run_claims(void) {
+    uint64_t c = atomic_load(&job.claim);
+    for (;;) {
+        uint32_t i = (uint32_t)c;
+        if (i >= (uint32_t)job.parts) return;
+        if (!atomic_compare_exchange_weak(&job.claim, &c, c + 1)) continue;   /* c reloaded */
+        job.fn(job.args, job.bounds[i], job.bounds[i + 1]);
+        atomic_fetch_add(&job.done, 1);
+        c = atomic_load(&job.claim);
+    }
+}
+
 static void *worker_loop(void *arg) {
     struct worker *w = arg;
     int seen = 0;
     for (;;) {
         long t0 = now_ns();
-        int spins = 0;
-        while (atomic_load(&w->posted) == seen) {
+        for (int spins = 1; atomic_load(&w->posted) == seen; spins++) {
             _mm_pause();
-            if (++spins % 256 == 0 && now_ns() - t0 > SPIN_NS) {
+            if (spins % 256 == 0 && now_ns() - t0 > SPIN_NS) {
                 atomic_store(&w->sleeping, 1);
                 if (atomic_load(&w->posted) == seen)
                     syscall(SYS_futex, &w->posted, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
@@ -314,8 +334,7 @@ static void *worker_loop(void *arg) {
             }
         }
         seen = atomic_load(&w->posted);
-        w->fn(w->args, w->part, w->lo, w->hi);
-        atomic_store(&w->finished, seen);
+        run_claims();
     }
     return NULL;
 }
@@ -324,37 +343,37 @@ static void forget_workers(void) { started = 0; }   /* in a forked child: the th
 
 static void at_fork(void) { pthread_atfork(NULL, NULL, forget_workers); }
 
-/* parts [bounds[i], bounds[i+1]) for i < parts */
-static void run_parts(part_fn fn, const void *args, const int *bounds, int parts) {
+/* run fn over parts [bounds[i], bounds[i+1]), i < parts, on up to `threads` threads */
+static void run_parts(part_fn fn, const void *args, const int *bounds, int parts, int threads) {
     pthread_once(&atfork_once, at_fork);
-    if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
-    if (parts < 2 || pthread_mutex_trylock(&pool_lock) != 0) {
-        fn(args, 0, bounds[0], bounds[parts]);
+    if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
+    if (threads < 2 || parts < 2 || pthread_mutex_trylock(&pool_lock) != 0) {
+        fn(args, bounds[0], bounds[parts]);
         return;
     }
-    for (; started < parts - 1; started++) {
-        struct worker *w = &workers[started];
-        atomic_store(&w->posted, 0);
-        atomic_store(&w->finished, 0);
-        atomic_store(&w->sleeping, 0);
+    for (; started < threads - 1; started++) {
+        atomic_store(&workers[started].posted, 0);
+        atomic_store(&workers[started].sleeping, 0);
         pthread_t t;
-        if (pthread_create(&t, NULL, worker_loop, w) != 0) break;
+        if (pthread_create(&t, NULL, worker_loop, &workers[started]) != 0) break;
         pthread_detach(t);
     }
-    /* fewer workers than asked (a thread could not be made): the last one takes the rest */
-    int used = started + 1 < parts ? started + 1 : parts, last = bounds[parts];
-    int tickets[MAX_WORKERS];
-    for (int i = 1; i < used; i++) {
-        struct worker *w = &workers[i - 1];
-        w->fn = fn, w->args = args, w->part = i, w->lo = bounds[i];
-        w->hi = i + 1 < used ? bounds[i + 1] : last;
-        tickets[i - 1] = atomic_load(&w->posted) + 1;
-        atomic_store(&w->posted, tickets[i - 1]);
-        if (atomic_load(&w->sleeping)) syscall(SYS_futex, &w->posted, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    /* closed first (no index is below any job's parts), so that a worker still holding the last
+       job's claim word fails its exchange while the fields change */
+    atomic_store(&job.claim, ((uint64_t)(generation + 1) << 32) | 0xffffffffu);
+    job.fn = fn, job.args = args, job.parts = parts;
+    for (int i = 0; i <= parts; i++) job.bounds[i] = bounds[i];
+    atomic_store(&job.done, 0);
+    atomic_store(&job.claim, (uint64_t)++generation << 32);
+    for (int i = 0; i < started && i < threads - 1; i++) {
+        atomic_fetch_add(&workers[i].posted, 1);
+        if (atomic_load(&workers[i].sleeping))
+            syscall(SYS_futex, &workers[i].posted, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
     }
-    fn(args, 0, bounds[0], used > 1 ? bounds[1] : last);
-    for (int i = 1; i < used; i++)
-        while (atomic_load(&workers[i - 1].finished) != tickets[i - 1]) _mm_pause();
+    run_claims();
+    /* parts a worker claimed and is still running (yielding: it may share this core) */
+    for (int spins = 1; atomic_load(&job.done) != parts; spins++)
+        if (spins % 64 == 0) sched_yield(); else _mm_pause();
     pthread_mutex_unlock(&pool_lock);
 }
 
@@ -378,35 +397,35 @@ static void split(int n, int parts, const int64_t *cost, int *bounds) {
     bounds[parts] = n;
 }
 
-static int clamp_parts(int threads, int n) {
-    int parts = threads < n ? threads : n;
-    if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
+/* a few parts per thread (claimed as threads come free), at most one per item */
+static int parts_for(int threads, int n) {
+    int parts = threads < 2 ? 1 : 4 * threads;
+    if (parts > n) parts = n;
+    if (parts > MAX_PARTS) parts = MAX_PARTS;
     return parts < 1 ? 1 : parts;
 }
 
 /* y [M, N] = x [M, K] @ w [N, K]^T, all contiguous; columns split in blocks of 4 */
 struct linear_args { const float *x, *w; float *y; int M, K, N; };
 
-static void linear_part(const void *a, int part, int lo, int hi) {
+static void linear_part(const void *a, int lo, int hi) {
     const struct linear_args *l = a;
-    (void)part;
     linear_columns(l->x, l->M, l->K, l->w, l->N, l->y, 4 * lo, 4 * hi < l->N ? 4 * hi : l->N);
 }
 
 void stagger_linear(const float *x, int M, int K, const float *w, int N, float *y, int threads) {
     struct linear_args a = {x, w, y, M, K, N};
-    int blocks = (N + 3) / 4, parts = clamp_parts(threads, blocks), bounds[MAX_WORKERS + 2];
+    int blocks = (N + 3) / 4, parts = parts_for(threads, blocks), bounds[MAX_PARTS + 1];
     split(blocks, parts, NULL, bounds);
-    run_parts(linear_part, &a, bounds, parts);
+    run_parts(linear_part, &a, bounds, parts, threads);
 }
 
 /* the routed experts of rows sorted by expert (see moe_experts), experts split by their cost:
  * reading an expert's weights is worth about 6 rows of its math here, an expert with no rows 0 */
 struct moe_args { const float *xs, *w13, *w2; const int64_t *offsets; float *ys; int H, I; atomic_int failed; };
 
-static void moe_part(const void *a, int part, int lo, int hi) {
+static void moe_part(const void *a, int lo, int hi) {
     struct moe_args *m = (struct moe_args *)a;
-    (void)part;
     if (moe_experts(m->xs, m->offsets, lo, hi, m->w13, m->w2, m->H, m->I, m->ys)) atomic_store(&m->failed, 1);
 }
 
@@ -419,10 +438,10 @@ int stagger_moe_experts(const float *xs, const int64_t *offsets, int E, const fl
         int64_t rows = offsets[e + 1] - offsets[e];
         cost[e] = rows ? 6 + rows : 0;
     }
-    int parts = clamp_parts(threads, E), bounds[MAX_WORKERS + 2];
+    int parts = parts_for(threads, E), bounds[MAX_PARTS + 1];
     split(E, parts, cost, bounds);
     free(cost);
-    run_parts(moe_part, &a, bounds, parts);
+    run_parts(moe_part, &a, bounds, parts, threads);
     return atomic_load(&a.failed) ? -1 : 0;
 }
 
@@ -434,9 +453,8 @@ struct mla_args {
     int H, D, page, ld, Dl; float scale; atomic_int failed;
 };
 
-static void mla_part(const void *a, int part, int lo, int hi) {
+static void mla_part(const void *a, int lo, int hi) {
     struct mla_args *m = (struct mla_args *)a;
-    (void)part;
     for (int i = lo; i < hi; i++) {
         size_t t = (size_t)m->tok[i];
         if (mla_decode(m->q + t * m->H * m->D, m->H, m->D, m->cache, m->tables + (size_t)m->seq[i] * m->ld,
@@ -452,9 +470,9 @@ int stagger_mla_decode(const float *q, int H, int D, const float *cache, int pag
     int64_t *cost = calloc(n > 0 ? n : 1, sizeof(int64_t));
     if (!cost) return -1;
     for (int i = 0; i < n; i++) cost[i] = rows[i];
-    int parts = clamp_parts(threads, n), bounds[MAX_WORKERS + 2];
+    int parts = parts_for(threads, n), bounds[MAX_PARTS + 1];
     split(n, parts, cost, bounds);
     free(cost);
-    run_parts(mla_part, &a, bounds, parts);
+    run_parts(mla_part, &a, bounds, parts, threads);
     return atomic_load(&a.failed) ? -1 : 0;
 }

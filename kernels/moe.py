@@ -31,10 +31,11 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return out
     tok = rows // topk_ids.shape[1]
     width = max(counts[1:])
-    # fp32 on the CPU: the C loop reads each expert's weights once for all its rows (1.5x MKL's
-    # per-expert GEMMs at 1-12 rows, no padding) and, in prefill, keeps pace with MKL while its
-    # threads split the experts by cost (prefill +4-5 % on 2 threads, even on 1)
-    native = grouped is None and cpu_native.usable(x, w13, w2)
+    # decode on the CPU: the C loop reads each expert's weights once for all its rows (1.5x MKL's
+    # per-expert GEMMs at 1-12 rows, and no padding). Not in prefill: alone it was 4-5 % faster
+    # there on 2 threads, but its long runs beside torch's spinning OpenMP workers then made the
+    # decode GEMMs of the same run 3.6x slower (two spinning pools on two cores).
+    native = grouped is None and width <= cpu_native.MAX_ROWS and cpu_native.usable(x, w13, w2)
     if grouped is None:
         # One batched GEMM saves 2E small launches, but pads every expert to the busiest one. In
         # decode (a few rows per expert, unevenly spread) the padding triples the math while the
