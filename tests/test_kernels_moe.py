@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from devices import KERNEL_DTYPES, TOL, torch_threads
+from kernels import cpu_native
 from kernels.fp8 import dequant_block_fp8, per_token_group_quant_fp8_torch, quant_block_fp8
 from kernels.moe import fused_moe_torch
 from kernels.moe_triton import fused_moe_triton, moe_align
@@ -111,15 +112,19 @@ def test_fused_moe_fp8_w8a8(dtype):
     assert (out.float() - ref16).abs().max() < 0.05 * ref16.abs().max()
 
 
-@pytest.mark.parametrize("grouped,threads", [(True, 1), (False, 1), (False, 2)])
-def test_torch_moe_paths_match_per_token_math(grouped, threads):
-    """The CPU path's two schedules (one batched GEMM over padded experts, one GEMM per expert,
-    its experts split over two threads or not) against the definition, token by token; -1 choices
-    contribute nothing."""
+@pytest.mark.parametrize("grouped,threads", [(True, 1), (False, 1), (False, 2), (None, 1), (None, 2)])
+def test_torch_moe_paths_match_per_token_math(grouped, threads, monkeypatch):
+    """The CPU path's schedules (one batched GEMM over padded experts, one GEMM per expert, or -
+    grouped None, a decode's few rows - the C expert loop, which must then be the one taken), on one
+    or two threads, against the definition, token by token; -1 choices contribute nothing."""
     x, w13, w2 = _dense(torch.float32)
     ids, w = _routing()
+    ran = []
+    real = cpu_native.moe_experts
+    monkeypatch.setattr(cpu_native, "moe_experts", lambda *a: ran.append(1) or real(*a))
     with torch_threads(threads), torch.inference_mode():   # inference mode: as the engine runs it
         out = fused_moe_torch(x, w13, w2, ids, w, grouped=grouped)
+    assert ran == ([1] if grouped is None else [])
     ref = torch.zeros_like(x)
     for t in range(T):
         for j in range(K):

@@ -1,8 +1,8 @@
 """The CPU path's C kernels (kernels/cpu_native.c) against torch: the small-row GEMM over every
 remainder of its 3-row x 4-column blocking, of its 8-wide inner loop and of its chunks of rows,
-split over one and two threads; the routed-expert loop through `fused_moe_torch` (it must take
-the C path, and agree with the per-token definition); the MLA decode over a paged cache; and the
-fallback when there is no compiler."""
+split over one and two threads (the routed-expert loop is tested with the MoE's other paths in
+test_kernels_moe.py); the MLA decode over a paged cache; the thread pool in a forked child and
+under concurrent callers; and the fallback when there is no compiler."""
 import warnings
 
 import pytest
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from devices import torch_threads
 from kernels import cpu_native, ops
-from kernels.moe import fused_moe_torch
 
 
 def test_library_builds_here():
@@ -43,32 +42,6 @@ def test_ops_linear_uses_c_only_where_it_applies(monkeypatch):
     ops.linear(torch.randn(5, 32).double(), w.double())          # not fp32: torch's
     ops.linear(torch.randn(32, 5).t(), w)                        # not contiguous: torch's
     assert calls == [5, cpu_native.MAX_ROWS]
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_moe_takes_the_c_loop_and_matches_per_token_math(monkeypatch, threads):
-    T, H, INTER, E, K = 9, 40, 24, 6, 2      # H, INTER not multiples of 8: the kernel's tails
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(T, H, generator=g)
-    w13 = torch.randn(E, 2 * INTER, H, generator=g) / H ** 0.5
-    w2 = torch.randn(E, H, INTER, generator=g) / INTER ** 0.5
-    ids = torch.stack([torch.randperm(4, generator=g)[:K] for _ in range(T)])
-    ids[0, 1], ids[2, 0], ids[5, 1] = 4, -1, -1    # expert 4: one row; 5: none; -1: another rank's
-    w = torch.rand(T, K, generator=g) + 0.1
-    ran = []
-    real = cpu_native.moe_experts
-    monkeypatch.setattr(cpu_native, "moe_experts", lambda *a: ran.append(1) or real(*a))
-    with torch_threads(threads), torch.inference_mode():
-        out = fused_moe_torch(x, w13, w2, ids, w)
-    assert ran == [1]
-    ref = torch.zeros_like(x)
-    for t in range(T):
-        for j in range(K):
-            e = int(ids[t, j])
-            if e >= 0:
-                h = w13[e] @ x[t]
-                ref[t] += w[t, j] * (w2[e] @ (F.silu(h[:INTER]) * h[INTER:]))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
