@@ -1,5 +1,7 @@
-/* Small-batch fp32 GEMMs for the CPU path: y = x W^T with few rows in x (a decode step's tokens per
- * expert). Built by kernels/cpu_native.py with the system's C compiler and called through ctypes.
+/* The CPU path's fp32 kernels: y = x W^T with few rows in x (a decode step's tokens, or its tokens
+ * per expert), the routed experts of a decode step, and the absorbed MLA decode over the paged
+ * latent cache; at the end, the thread pool they split their work with. Built by
+ * kernels/cpu_native.py with the system's C compiler and called through ctypes.
  *
  * Why not MKL: for a few rows its sgemm reads the weights and then computes, without overlap
  * (measured: 4 ms + 0.6 ms per row per 32 MB of weights). Here each block of 4 weight rows is read
@@ -128,15 +130,20 @@ static void linear_avx2(const float *x, int M, int K, const float *w, int N, flo
 
 static int has_avx2 = -1;
 
+static int avx2(void) {   /* asked once: the answer does not change */
+    if (has_avx2 < 0) has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return has_avx2;
+}
+
 /* Many rows (prefill) go in chunks of about 192 kB of x, which stay in L2 while every weight block
  * passes over them: unchunked, each block of 4 weight rows would stream all of x from memory. */
 static void linear(const float *x, int M, int K, const float *w, int N, float *y, int ldy) {
-    if (has_avx2 < 0) has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const int vector = avx2();
     int chunk = 49152 / (K > 0 ? K : 1);
     chunk = chunk < 12 ? 12 : chunk - chunk % 3;
     for (int m = 0; m < M; m += chunk) {
         int rows = M - m < chunk ? M - m : chunk;
-        if (has_avx2) linear_avx2(x + (size_t)m * K, rows, K, w, N, y + (size_t)m * ldy, ldy);
+        if (vector) linear_avx2(x + (size_t)m * K, rows, K, w, N, y + (size_t)m * ldy, ldy);
         else linear_plain(x + (size_t)m * K, rows, K, w, N, y + (size_t)m * ldy, ldy);
     }
 }
@@ -231,8 +238,7 @@ static void matmul_kn_avx2(const float *x, int ldx, int M, int K, const float *b
 
 static void matmul_kn(const float *x, int ldx, int M, int K, const float *b, int ldb, int N, float *y, int ldy,
                       int add) {
-    if (has_avx2 < 0) has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (has_avx2) matmul_kn_avx2(x, ldx, M, K, b, ldb, N, y, ldy, add);
+    if (avx2()) matmul_kn_avx2(x, ldx, M, K, b, ldb, N, y, ldy, add);
     else matmul_kn_plain(x, ldx, M, K, b, ldb, 0, N, y, ldy, add);
 }
 

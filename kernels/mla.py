@@ -40,8 +40,8 @@ def _causal_attend(q, k, v, scale):
 
 
 def _decode_plan(block_table, seq_lens, query_start_loc, bs, dev):
-    """Where each sequence's cache rows are (built once per step, shared by every layer): its index,
-    its query rows, its context length, and either the first flat row of its blocks when they are consecutive
+    """Where each sequence's cache rows are (built once per step, shared by every layer): its query
+    rows, its context length, and either the first flat row of its blocks when they are consecutive
     (the usual case: a prompt's blocks are taken in one go from an ordered free list), read in place,
     or its block ids, copied. Multi-token queries get a causal mask."""
     tables = block_table.tolist()
@@ -58,8 +58,18 @@ def _decode_plan(block_table, seq_lens, query_start_loc, bs, dev):
             c = q1 - q0
             seen = torch.arange(n, device=dev)[None, :] <= torch.arange(n - c, n, device=dev)[:, None]
             mask = seen[:, None, None]                                                 # [c, 1, 1, S]
-        plan.append((b, q0, q1, n, where, mask))
+        plan.append((q0, q1, n, where, mask))
     return plan
+
+
+def _per_step(cache: dict | None, key, build):
+    """`build()`, kept in the step's `cache` (shared by every layer) under `key` when there is one."""
+    value = cache.get(key) if cache is not None else None
+    if value is None:
+        value = build()
+        if cache is not None:
+            cache[key] = value
+    return value
 
 
 def _decode_tokens(block_table, seq_lens, query_start_loc):
@@ -94,24 +104,17 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
 
     if cdt == torch.float32 and cpu_native.usable(q, kv_cache):
         # the C kernel: every query token over exactly the rows it may see, pages read in place
-        key = ("mla_decode_tokens", q.device)
-        tokens = cache.get(key) if cache is not None else None
-        if tokens is None:
-            tokens = _decode_tokens(block_table, seq_lens, query_start_loc)
-            if cache is not None:
-                cache[key] = tokens
+        tokens = _per_step(cache, ("mla_decode_tokens", q.device),
+                           lambda: _decode_tokens(block_table, seq_lens, query_start_loc))
         cpu_native.mla_decode(q, kv_cache, *tokens, kv_lora_rank, scale, out)
         return out
 
-    key = ("mla_decode_plan", q.device)
-    plan = cache.get(key) if cache is not None else None
-    if plan is None:
-        plan = _decode_plan(block_table, seq_lens, query_start_loc, kv_cache.shape[1], q.device)
-        if cache is not None:
-            cache[key] = plan
+    page = kv_cache.shape[1]
+    plan = _per_step(cache, ("mla_decode_plan", q.device),
+                     lambda: _decode_plan(block_table, seq_lens, query_start_loc, page, q.device))
 
     def sequences(lo, hi):
-        for b, q0, q1, n, where, mask in plan[lo:hi]:
+        for q0, q1, n, where, mask in plan[lo:hi]:
             if isinstance(where, int):
                 kv = flat[where:where + n]
             else:   # one flat row copy per block (index_select is a plain memcpy per row)

@@ -189,7 +189,7 @@ def test_torch_decode_reference_matches_naive_per_sequence(q_lens, layout, threa
     seen = [n - q_lens[b] + j + 1 for b, n in enumerate(seq_lens) for j in range(q_lens[b])]
     assert sorted(calls) == (sorted(seen * 2) if path == "c" else [])
     if path == "torch":   # a one-page sequence is read in place whatever the layout
-        in_place = [isinstance(where, int) for _, _, _, _, where, _ in cached[("mla_decode_plan", q.device)]]
+        in_place = [isinstance(where, int) for _, _, _, where, _ in cached[("mla_decode_plan", q.device)]]
         queried = [b for b, n in enumerate(q_lens) if n]
         assert in_place == [layout == "consecutive" and b != 3 or seq_lens[b] <= 16 for b in queried]
 
