@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--api-key", default=None, help="for --url servers")
     p.add_argument("--peer", choices=["vllm"], help="also replay the workload through vLLM's CPU build")
     p.add_argument("--peer-python", help="vLLM's interpreter (default: $STAGGER_VLLM_PYTHON)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of this engine (torch) and of the --peer alike (default: each its own)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -205,6 +207,9 @@ def _http_runs(a, specs, results, runs):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
     from engine import LLM
     from model.config import load_config
     sched = a.scheduler if a.scheduler is not None else ("" if a.url else "immediate-rr,immediate-lb,sbs")
@@ -242,7 +247,7 @@ def main(argv=None):
         return results
     if a.peer == "vllm":   # its offline engine stepping in real time (bench/peer_vllm.py)
         from bench.peer_vllm import replay
-        results["vllm"], runs["vllm"] = replay(a.model, specs, a.peer_python, **{
+        results["vllm"], runs["vllm"] = replay(a.model, specs, a.peer_python, threads=a.threads, **{
             k: engine_opts[k] for k in ("max_num_seqs", "max_num_batched_tokens") if k in engine_opts})
     print(table(results))
     if a.out:
