@@ -37,6 +37,29 @@ class AttentionMetadata:
         # is compute-efficient for prompts. Both give the same result (see tests).
         return self.mla_path == "absorbed" or (self.mla_path == "auto" and self.decode_only)
 
+    def split_decodes(self) -> tuple["AttentionMetadata | None", "AttentionMetadata"]:
+        """A mixed step on the auto path -> (its leading single-token sequences, the rest), each as
+        its own metadata, built once per step. A batch lists its decodes first (scheduler.batch), so
+        they take the absorbed path while the prompts beside them take the expanded one (expanding
+        every decode's whole context through kv_b_proj made a mixed step cost 5-8x a decode step)."""
+        parts = self.cache.get("split_decodes")
+        if parts is None:
+            q, d = self.query_start_loc, 0
+            while self.mla_path == "auto" and d < len(q) - 1 and q[d + 1] - q[d] == 1:
+                d += 1
+            parts = ()   # not (None, self): a step's metadata would hold itself through its cache
+            if d:
+                dec = AttentionMetadata(self.positions[:d], self.slot_mapping[:d], self.block_tables[:d],
+                                        self.seq_lens[:d], q[:d + 1], "absorbed")
+                for key, n in (("seq_lens_i32", d), ("query_start_loc_i32", d + 1)):
+                    if key in self.cache:
+                        dec.cache[key] = self.cache[key][:n]
+                rest = AttentionMetadata(self.positions[d:], self.slot_mapping[d:], self.block_tables[d:],
+                                         self.seq_lens[d:], [x - d for x in q[d:]], "expanded")
+                parts = (dec, rest)
+            self.cache["split_decodes"] = parts
+        return parts or (None, self)
+
 
 class KeepFp32:
     """Mixin: the tensors named in `fp32_names` stay float32 when the model is cast (`.to(bf16)`),
@@ -213,7 +236,11 @@ class MLA(nn.Module):
         elif meta.use_absorbed():
             out = self._absorbed_attention(q_nope, q_pe, meta, kv_cache)
         else:
-            out = self._expanded_attention(q_nope, q_pe, meta, kv_cache)
+            dec, rest = meta.split_decodes()
+            d = 0 if dec is None else dec.query_start_loc[-1]
+            out = self._expanded_attention(q_nope[d:], q_pe[d:], rest, kv_cache)
+            if dec is not None:
+                out = torch.cat([self._absorbed_attention(q_nope[:d], q_pe[:d], dec, kv_cache), out])
         return self.o_proj(out.reshape(out.shape[0], H * c.v_head_dim))
 
     def _expanded_attention(self, q_nope, q_pe, meta, kv_cache):

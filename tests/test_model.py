@@ -41,25 +41,31 @@ def test_logits_match_transformers(tmp_path, case):
     assert (ours - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
 
 
-def test_absorbed_and_expanded_paths_agree(tmp_path):
+@pytest.mark.parametrize("tails", [(2, 2, 1), (1, 2, 1)])
+def test_absorbed_and_expanded_paths_agree(tmp_path, tails):
+    """The last `tails` tokens of each sequence against the cache of the rest. (1, 2, 1) is a mixed
+    step: on the auto path its leading decode goes absorbed and the rest expanded."""
     make_hf_checkpoint(tmp_path, {"rope_parameters": YARN})
     model = load_model(str(tmp_path))
     lens = [len(s) for s in SEQS]
+    prefix = [n - t for n, t in zip(lens, tails)]
     outs = {}
-    for path in ("expanded", "absorbed"):
-        # prefill everything but the last 2 tokens, then both paths compute the last 2 against the cache
-        meta, nb = dense_meta([n - 2 if n > 2 else 0 for n in lens])
+    for path in ("expanded", "absorbed", "auto"):
+        meta, nb = dense_meta(prefix)
         caches = new_caches(model, nb * 2)
-        ids = torch.tensor([t for s in SEQS for t in s[:-2]])
+        ids = torch.tensor([t for s, p in zip(SEQS, prefix) for t in s[:p]])
         with torch.no_grad():
             model(ids, meta, caches)
-            meta2, _ = dense_meta(lens, prefix_lens=[max(n - 2, 0) for n in lens], mla_path=path)
-            tail = torch.tensor([t for s in SEQS for t in s[-2:]])
+            meta2, _ = dense_meta(lens, prefix_lens=prefix, mla_path=path)
+            tail = torch.tensor([t for s, p in zip(SEQS, prefix) for t in s[p:]])
             outs[path] = model.compute_logits(model(tail, meta2, caches))
+        if path == "auto":
+            dec, rest = meta2.split_decodes()
+            assert (dec is None) == (tails[0] != 1) and rest.seq_lens == (lens if dec is None else lens[1:])
     full = forward_logits(model, SEQS)
-    ends = [i for b, s in enumerate(SEQS)
-            for i in range(sum(lens[:b]) + len(s) - min(2, len(s)), sum(lens[:b + 1]))]
+    ends = [sum(lens[:b]) + i for b in range(len(SEQS)) for i in range(prefix[b], lens[b])]
     assert (outs["absorbed"] - outs["expanded"]).abs().max().item() < 1e-4
+    assert (outs["auto"] - outs["expanded"]).abs().max().item() < 1e-4
     assert (outs["expanded"] - full[ends]).abs().max().item() < 1e-4
 
 
