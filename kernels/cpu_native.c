@@ -482,3 +482,29 @@ int stagger_mla_decode(const float *q, int H, int D, const float *cache, int pag
     run_parts(mla_part, &a, bounds, parts, threads);
     return atomic_load(&a.failed) ? -1 : 0;
 }
+
+/* RMSNorm of the rows of x [rows, n]: y = w * (x / sqrt(mean(x^2) + eps)), the order torch uses.
+ * With res, a row is first replaced by x + res, written to sum (the decoder layer's residual
+ * stream). Serial: a decode step's rows are a few microseconds of work, and torch's op cost
+ * about 40-100 us a call here (several kernels and their dispatch). */
+void stagger_rms_norm(const float *x, const float *res, float *sum, const float *w, int rows, int n, float eps,
+                      float *y) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float *yr = y + (size_t)r * n;
+        if (res) {
+            float *s = sum + (size_t)r * n;
+            const float *rr = res + (size_t)r * n;
+            for (int k = 0; k < n; k++) s[k] = xr[k] + rr[k];
+            xr = s;
+        }
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ss = 0.f;
+        int k = 0;
+        for (; k + 8 <= n; k += 8)
+            for (int j = 0; j < 8; j++) acc[j] += xr[k + j] * xr[k + j];
+        for (; k < n; k++) ss += xr[k] * xr[k];
+        for (int j = 0; j < 8; j++) ss += acc[j];
+        float inv = 1.f / sqrtf(ss / (float)n + eps);
+        for (k = 0; k < n; k++) yr[k] = w[k] * (xr[k] * inv);
+    }
+}

@@ -66,14 +66,20 @@ def library():
                 lib.stagger_moe_experts.restype = ctypes.c_int
                 lib.stagger_mla_decode.argtypes = [p, i, i, p, i, p, i, i, p, p, p, i, ctypes.c_float, p, i]
                 lib.stagger_mla_decode.restype = ctypes.c_int
+                lib.stagger_rms_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float, p]
+                lib.stagger_rms_norm.restype = None
                 _lib = lib
     return _lib or None
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the C kernels can take these tensors: fp32, contiguous, on the CPU, library built."""
-    return (all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-            and library() is not None)
+    if (_lib or library()) is None:
+        return False
+    for t in tensors:   # a loop of cheap properties: this runs before every small GEMM of a step
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -110,3 +116,14 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, tok: 
                                       rows.data_ptr(), latent, scale, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("CPU MLA decode kernel: no scratch memory")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """kernels.rmsnorm's contract (y, or (y, x + residual)) for fp32 contiguous CPU tensors."""
+    n = x.shape[-1]
+    y = torch.empty_like(x)
+    total = None if residual is None else torch.empty_like(x)
+    library().stagger_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                               None if total is None else total.data_ptr(), weight.data_ptr(),
+                               x.numel() // n, n, eps, y.data_ptr())
+    return y if total is None else (y, total)

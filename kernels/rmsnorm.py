@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from . import cpu_native
+
 
 def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
                   residual: torch.Tensor | None = None):
@@ -11,6 +13,9 @@ def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
     running sum without a second pass. Statistics in fp32, cast back before the weight multiply
     (the order DeepSeek's and transformers' implementations use).
     """
+    if x.dim() == 2 and x.shape[0] <= cpu_native.MAX_ROWS and cpu_native.usable(x, weight) and \
+            (residual is None or (residual.shape == x.shape and cpu_native.usable(residual))):
+        return cpu_native.rms_norm(x, weight, eps, residual)   # a decode step's rows: one call
     if residual is not None:
         x = x + residual
         residual = x
