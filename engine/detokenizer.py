@@ -1,30 +1,42 @@
 """Incremental detokenization and stop conditions for one request."""
 import codecs
 
+from model.tokenizer import whole_texts
+
 
 def detokenizer(tokenizer):
     """The cheapest exact detokenizer the tokenizer allows (None without a tokenizer)."""
     if tokenizer is None:
         return None
     if tokenizer.token_bytes is not None:
-        return ByteDetokenizer(tokenizer.token_bytes)
+        return ByteDetokenizer(tokenizer.token_bytes, tokenizer.token_texts)
     return IncrementalDetokenizer(tokenizer)
 
 
 class ByteDetokenizer:
     """Byte-level BPE: a token is fixed bytes, so the text is the UTF-8 of their concatenation,
     decoded as it grows (a character split across tokens comes out once complete). One table
-    lookup per token instead of re-decoding a window: the per-token host cost at a large batch."""
-    __slots__ = ("_bytes", "_pending", "text")
+    lookup per token instead of re-decoding a window: the per-token host cost at a large batch.
+    `texts[id]`: the token's text where its bytes are whole characters (None where not): with no
+    partial character pending, such a token needs no decoding at all."""
+    __slots__ = ("_bytes", "_texts", "_pending", "text")
 
-    def __init__(self, token_bytes: list[bytes]):
+    def __init__(self, token_bytes: list[bytes], texts: list[str | None] | None = None):
         self._bytes = token_bytes
+        self._texts = texts if texts is not None else whole_texts(token_bytes)
         self._pending = b""   # the start of a character whose last bytes are still to come
         self.text = ""
 
     def add(self, token_id: int) -> str:
         table = self._bytes   # ids past the tokenizer's (a model's padded vocabulary) decode to nothing
-        data = self._pending + (table[token_id] if token_id < len(table) else b"")
+        if token_id >= len(table):
+            return ""
+        if not self._pending:
+            delta = self._texts[token_id]
+            if delta is not None:
+                self.text += delta
+                return delta
+        data = self._pending + table[token_id]
         # the codec's incremental step itself (what codecs' incremental decoder wraps in a method)
         delta, used = codecs.utf_8_decode(data, "replace", False)
         self._pending = data[used:]
@@ -74,18 +86,16 @@ class IncrementalDetokenizer:
         return delta
 
 
-def check_stop(token_id: int, text: str, delta_len: int, params, eos_ids, num_outputs: int):
-    """-> (finish_reason or None, text trimmed at a stop string). A stop string is searched only in
-    the region the latest delta could complete, so the check stays linear in the output length."""
-    if not params.ignore_eos and token_id in eos_ids:
+def check_stop(token_id: int, text: str, delta_len: int, stop_ids, stops: list[str]):
+    """-> ("stop" or None, text trimmed at a stop string). `stop_ids`: the token ids that end the
+    request (EOS unless ignored, and its stop_token_ids). A stop string is searched only in the
+    region the latest delta could complete, so the check stays linear in the output length.
+    (max_tokens and the model length are the batch scheduler's to enforce: "length".)"""
+    if token_id in stop_ids:
         return "stop", text
-    if token_id in params.stop_token_ids:
-        return "stop", text
-    for s in params.stop:
+    for s in stops:
         start = max(0, len(text) - delta_len - len(s) + 1)
         i = text.find(s, start)
         if i >= 0:
             return "stop", text[:i]
-    if num_outputs >= params.max_tokens:
-        return "length", text
     return None, text

@@ -50,15 +50,18 @@ class ModelRunner:
         bs = self.block_size
         reqs = [r for r, _ in batch.items]
         pos = [r.num_computed_tokens for r in reqs]
-        ids = [r.prompt_token_ids[p] if p < len(r.prompt_token_ids)
-               else r.output_token_ids[p - len(r.prompt_token_ids)] for r, p in zip(reqs, pos)]
         slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(reqs, pos)]
         seq_lens = [p + 1 for p in pos]
         tables = [r.block_table for r in reqs]
-        # rows at their last known token sample the next one: all of them in a decode step
-        rows = [i for i, (r, p) in enumerate(zip(reqs, pos))
-                if p + 1 == len(r.prompt_token_ids) + len(r.output_token_ids)]
-        sample_reqs = reqs if len(rows) == len(reqs) else [reqs[i] for i in rows]
+        if batch.num_decodes == len(reqs):   # each at its last known token, which samples the next
+            ids = [r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1] for r in reqs]
+            rows, sample_reqs = list(range(len(reqs))), reqs
+        else:   # 1-token prefill chunks among them
+            ids = [r.prompt_token_ids[p] if p < len(r.prompt_token_ids)
+                   else r.output_token_ids[p - len(r.prompt_token_ids)] for r, p in zip(reqs, pos)]
+            rows = [i for i, (r, p) in enumerate(zip(reqs, pos))
+                    if p + 1 == len(r.prompt_token_ids) + len(r.output_token_ids)]
+            sample_reqs = [reqs[i] for i in rows]
         return ids, pos, slots, list(range(len(reqs) + 1)), seq_lens, tables, rows, sample_reqs
 
     def _chunk_rows(self, batch: ScheduledBatch):

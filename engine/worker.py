@@ -23,7 +23,7 @@ class RankWorker:
         """role: "mixed", or in P/D separation "prefill" (hands requests over after the first token)
         or "decode"; transfers: the rank's KV moves (P/D); balancer: engine.expert_balancer's
         ExpertBalancer (MoE models)."""
-        self.rank, self.tokenizer, self.eos_ids = rank, tokenizer, set(eos_ids)
+        self.rank, self.tokenizer, self.eos_ids = rank, tokenizer, frozenset(eos_ids)
         bm = BlockManager(kv_caches[0].shape[0], cfg.kv_block_size, cfg.enable_prefix_caching)
         self.scheduler = BatchScheduler(bm, max_num_seqs=cfg.max_num_seqs,
                                         max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -34,13 +34,18 @@ class RankWorker:
         self.sampler = Sampler(cfg.seed + rank)
         self.num_preempted = 0
         self.role, self.transfers, self.balancer = role, transfers, balancer
-        self.live: dict[str, tuple[Request, SamplingParams, object]] = {}   # detokenizer or None
+        # request id -> (request, its params, its detokenizer or None, the token ids that stop it)
+        self.live: dict[str, tuple[Request, SamplingParams, object, frozenset]] = {}
 
     def add(self, spec: RequestSpec) -> None:
         req = spec.to_request()
         self.scheduler.add(req)
-        detok = detokenizer(self.tokenizer)
-        self.live[spec.request_id] = (req, spec.params, detok)
+        self._track(spec, req, detokenizer(self.tokenizer))
+
+    def _track(self, spec: RequestSpec, req: Request, detok) -> None:
+        p = spec.params
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        self.live[spec.request_id] = (req, p, detok, stop_ids)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (a no-op for one this rank does not hold)."""
@@ -65,7 +70,10 @@ class RankWorker:
         """`budget`: this step's token budget from the plan (None: the scheduler's maximum)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule(budget)
-        context = sum(attention_pairs(n, r.num_computed_tokens) for r, n in batch.items)
+        # attention pairs of the step (a decode over c cached tokens: c + 1, summed without a call each)
+        nd = batch.num_decodes
+        context = sum(r.num_computed_tokens for r, _ in batch.items[:nd]) + nd + \
+            sum(attention_pairs(n, r.num_computed_tokens) for r, n in batch.items[nd:])
         logits, reqs = self.runner.run(batch)
         sampled, tokens = {}, []
         if reqs:
@@ -108,7 +116,7 @@ class RankWorker:
             pd.scatter_rows(self.runner.kv_caches, req.block_table, rows)
             req.num_computed_tokens = recv.num_tokens
             req.output_token_ids.append(recv.first_token)
-            self.live[spec.request_id] = (req, spec.params, detok)
+            self._track(spec, req, detok)
             self.scheduler.adopt(req)
         c = self.runner.kv_caches[0]
         shape = (len(self.runner.kv_caches), recv.num_tokens, c.shape[-1])
@@ -122,27 +130,30 @@ class RankWorker:
                 ev.handoff = True
 
     def _finish_tokens(self, reqs: list[Request], tokens: list[int], now: float) -> list[TokenEvent]:
-        """Each sampled token's text delta, stop check and event (one pass over the step's requests)."""
-        live, eos_ids, events = self.live, self.eos_ids, []
+        """Each sampled token's text delta, stop check and event (one pass over the step's requests;
+        at a large batch this loop is the biggest part of a step's host time)."""
+        live, events, FINISHED = self.live, [], RequestStatus.FINISHED
         for req, token in zip(reqs, tokens):
             rid = req.request_id
-            _, params, detok = live[rid]
+            _, params, detok, stop_ids = live[rid]
+            reason = text = None
             if detok is not None:
                 delta = detok.add(token)
                 text = detok.text
             else:
-                delta = text = ""
-            num_out = len(req.output_token_ids)
-            reason, trimmed = check_stop(token, text, len(delta), params, eos_ids, num_out)
-            if req.status is RequestStatus.FINISHED:   # the scheduler ended it ("length", model length)
+                delta = ""
+            if token in stop_ids or params.stop:
+                reason, cut = check_stop(token, text or "", len(delta), stop_ids, params.stop)
+                text = cut if text is not None else None
+            if req.status is FINISHED:   # the scheduler ended it ("length": max_tokens, model length)
                 reason = reason or req.finish_reason
             elif reason is not None:
                 self.scheduler.finish(req, reason)
             ev = TokenEvent(rid, token, delta, reason, now)
-            if num_out == 1:
+            if len(req.output_token_ids) == 1:
                 ev.cached_tokens = req.num_cached_tokens
             if reason is not None:
-                ev.text = trimmed if detok is not None else None
+                ev.text = text   # the whole text, trimmed at a stop string
                 live.pop(rid, None)
                 self.sampler.forget(rid)
             events.append(ev)

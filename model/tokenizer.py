@@ -4,6 +4,7 @@
 - `tokenizer.model`: sentencepiece.
 A folder with neither has no tokenizer: prompts must then be token ids.
 """
+import codecs
 import functools
 import json
 import os
@@ -20,12 +21,30 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.token_bytes = token_bytes
+        self._token_texts = None
+
+    @property
+    def token_texts(self) -> list[str | None] | None:
+        """Per id, the text of `token_bytes[id]` where those bytes are whole characters (else None):
+        built once, shared by every request's detokenizer."""
+        if self._token_texts is None and self.token_bytes is not None:
+            self._token_texts = whole_texts(self.token_bytes)
+        return self._token_texts
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
 
     def decode(self, ids) -> str:
         return self._decode(ids if type(ids) is list else list(ids))   # no copy per streamed token
+
+
+def whole_texts(token_bytes: list[bytes]) -> list[str | None]:
+    """Each token's text where its bytes decode alone to whole characters, else None."""
+    out = []
+    for b in token_bytes:
+        text, used = codecs.utf_8_decode(b, "replace", False)
+        out.append(text if used == len(b) else None)
+    return out
 
 
 def _special_ids(model_dir: str, token_to_id):

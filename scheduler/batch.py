@@ -21,6 +21,7 @@ from scheduler.request import Request, RequestStatus, check_request
 class ScheduledBatch:
     items: list[tuple[Request, int]] = field(default_factory=list)   # decodes first, then prefill chunks
     preempted: list[Request] = field(default_factory=list)
+    num_decodes: int = 0   # items[:num_decodes] are decodes: one token each, the last they know
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +95,7 @@ class BatchScheduler:
                 items.append((req, 1))
                 scheduled.add(req)
                 budget -= 1
+        batch.num_decodes = len(items)
         # 2. Partially prefilled requests continue before anyone new starts.
         for req in (list(self.running) if len(scheduled) < len(self.running) else ()):
             if budget <= 0:

@@ -1,8 +1,9 @@
 """The CPU path's C kernels (kernels/cpu_native.c) against torch: the small-row GEMM over every
 remainder of its 3-row x 4-column blocking, of its 8-wide inner loop and of its chunks of rows,
 split over one and two threads (the routed-expert loop is tested with the MoE's other paths in
-test_kernels_moe.py); the MLA decode over a paged cache; the thread pool in a forked child and
-under concurrent callers; and the fallback when there is no compiler."""
+test_kernels_moe.py); the RMSNorm of a decode step's rows; the MLA decode over a paged cache; the
+thread pool in a forked child and under concurrent callers; and the fallback when there is no
+compiler."""
 import warnings
 
 import pytest
@@ -41,6 +42,39 @@ def test_ops_linear_uses_c_only_where_it_applies(monkeypatch):
         torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
     ops.linear(torch.randn(5, 32).double(), w.double())          # not fp32: torch's
     ops.linear(torch.randn(32, 5).t(), w)                        # not contiguous: torch's
+    assert calls == [5, cpu_native.MAX_ROWS]
+
+
+@pytest.mark.parametrize("rows,n", [(1, 512), (3, 7), (5, 100), (64, 192), (2, 8)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_matches_fp64(rows, n, residual):
+    g = torch.Generator().manual_seed(rows * 100 + n)
+    x, w = torch.randn(rows, n, generator=g), 1 + 0.1 * torch.randn(n, generator=g)
+    r = torch.randn(rows, n, generator=g) if residual else None
+    out = cpu_native.rms_norm(x, w, 1e-6, r)
+    y, total = out if residual else (out, x)
+    if residual:
+        assert torch.equal(total, x + r)   # the residual stream: the same rounding as torch's add
+    xd = total.double()
+    ref = (w.double() * xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()).float()
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_rms_norm_uses_c_only_where_it_applies(monkeypatch):
+    from kernels.rmsnorm import rmsnorm_torch
+    calls = []
+    real = cpu_native.rms_norm
+    monkeypatch.setattr(cpu_native, "rms_norm", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    w = torch.randn(32)
+    for rows in (5, cpu_native.MAX_ROWS, cpu_native.MAX_ROWS + 1):
+        x, r = torch.randn(rows, 32), torch.randn(rows, 32)
+        ref = F.rms_norm(x + r, (32,), w, 1e-6)
+        y, total = rmsnorm_torch(x, w, 1e-6, r)
+        torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+        assert torch.equal(total, x + r)
+    rmsnorm_torch(torch.randn(5, 32), w, 1e-6, torch.randn(32))    # a broadcast residual: torch's
+    rmsnorm_torch(torch.randn(2, 5, 32), w, 1e-6)                  # not 2-D: torch's
+    rmsnorm_torch(torch.randn(32, 5).t(), w, 1e-6)                 # not contiguous: torch's
     assert calls == [5, cpu_native.MAX_ROWS]
 
 
