@@ -18,6 +18,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -507,4 +508,34 @@ void stagger_rms_norm(const float *x, const float *res, float *sum, const float 
         float inv = 1.f / sqrtf(ss / (float)n + eps);
         for (k = 0; k < n; k++) yr[k] = w[k] * (xr[k] * inv);
     }
+}
+
+/* Per head h < H: y[t, h, :N] = x[t, h, :K] @ w[h]^T for t < T, w [H, N, K] contiguous; row t of
+ * head h of x at x + t * ldx + h * hx, of y at y + t * ldy + h * hy. The absorbed MLA projections,
+ * read from the query as it lies and written into the attention's input: no bmm (MKL's small-row
+ * batched GEMM read the 1 MB of a layer's weights at half the memory's speed), no transposes, no
+ * cat. x is packed per head first (the GEMM reads rows of K); heads split over the threads.
+ * Returns 0, or -1 when scratch memory cannot be had. */
+struct heads_args { const float *xp, *w; float *y; int T, K, N, ldy, hy; };
+
+static void heads_part(const void *a, int lo, int hi) {
+    const struct heads_args *l = a;
+    for (int h = lo; h < hi; h++)
+        linear(l->xp + (size_t)h * l->T * l->K, l->T, l->K, l->w + (size_t)h * l->N * l->K, l->N,
+               l->y + (size_t)h * l->hy, l->ldy);
+}
+
+int stagger_linear_heads(const float *x, int T, int H, int K, int ldx, int hx, const float *w, int N, float *y,
+                         int ldy, int hy, int threads) {
+    float *xp = malloc((size_t)T * H * K * sizeof(float) + sizeof(float));
+    if (!xp) return -1;
+    for (int h = 0; h < H; h++)
+        for (int t = 0; t < T; t++)
+            memcpy(xp + ((size_t)h * T + t) * K, x + (size_t)t * ldx + (size_t)h * hx, (size_t)K * sizeof(float));
+    struct heads_args a = {xp, w, y, T, K, N, ldy, hy};
+    int parts = parts_for(threads, H), bounds[MAX_PARTS + 1];
+    split(H, parts, NULL, bounds);
+    run_parts(heads_part, &a, bounds, parts, threads);
+    free(xp);
+    return 0;
 }

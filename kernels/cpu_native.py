@@ -68,6 +68,8 @@ def library():
                 lib.stagger_mla_decode.restype = ctypes.c_int
                 lib.stagger_rms_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float, p]
                 lib.stagger_rms_norm.restype = None
+                lib.stagger_linear_heads.argtypes = [p, i, i, i, i, i, p, i, p, i, i, i]
+                lib.stagger_linear_heads.restype = ctypes.c_int
                 _lib = lib
     return _lib or None
 
@@ -127,3 +129,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
                                None if total is None else total.data_ptr(), weight.data_ptr(),
                                x.numel() // n, n, eps, y.data_ptr())
     return y if total is None else (y, total)
+
+
+def heads_usable(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+    """linear_heads' conditions: fp32 CPU tensors, x and out with unit stride in their last dim
+    (views of a wider row are fine), w contiguous, at most MAX_ROWS tokens."""
+    return (x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and out.stride(-1) == 1 and usable(w)
+            and x.dtype is torch.float32 and out.dtype is torch.float32 and x.is_cpu and out.is_cpu)
+
+
+def linear_heads(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t, h] = x[t, h] @ w[h]^T: x [T, H, K], w [H, N, K], out [T, H, N] (see heads_usable)."""
+    T, H, K = x.shape
+    rc = library().stagger_linear_heads(x.data_ptr(), T, H, K, x.stride(0), x.stride(1), w.data_ptr(),
+                                        w.shape[1], out.data_ptr(), out.stride(0), out.stride(1),
+                                        torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("CPU per-head GEMM: no scratch memory")

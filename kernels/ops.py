@@ -3,6 +3,7 @@
 `torch` is the reference and the CPU path; `triton` imports the Triton kernels lazily (so importing
 the model never compiles or needs a GPU). Signatures are those of the torch references.
 """
+import torch
 import torch.nn.functional as F
 
 from . import cpu_native, fp8, mla, moe, rmsnorm, router
@@ -55,6 +56,19 @@ def linear(x, w):
     if x.dim() == 2 and x.shape[0] <= cpu_native.MAX_ROWS and cpu_native.usable(x, w):
         return cpu_native.linear(x, w)
     return F.linear(x, w)
+
+
+def head_linear(x, w, out=None):
+    """Per head: out[t, h] = x[t, h] @ w[h].T, x [T, H, K] (a view with unit stride in its last dim
+    is fine), w [H, N, K] -> [T, H, N], written into `out` when given (likewise a view). The C GEMM
+    for a few fp32 rows on the CPU, a batched GEMM otherwise."""
+    if out is None:
+        out = x.new_empty(x.shape[0], x.shape[1], w.shape[1])
+    if cpu_native.heads_usable(x, w, out):
+        cpu_native.linear_heads(x, w, out)
+    else:
+        out.copy_(torch.einsum("thk,hnk->thn", x, w))
+    return out
 
 
 def fp8_linear(x, w, w_scale_inv, backend="torch"):

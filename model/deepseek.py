@@ -216,7 +216,7 @@ class MLA(nn.Module):
         self.rotary = Rotary(cfg)
         self.scale = cfg.softmax_scale
         self.backend = "torch"
-        self._absorbed = None  # (W_UK [H, nope, Dl], W_UV [H, v, Dl]), built on first decode
+        self._absorbed = None  # (W_UK^T [H, Dl, nope], W_UV [H, v, Dl]), built on first decode
 
     def forward(self, x, meta: AttentionMetadata, kv_cache: torch.Tensor):
         c, H = self.cfg, self.num_heads
@@ -258,20 +258,25 @@ class MLA(nn.Module):
                                      backend=self.backend)
 
     def absorbed_weights(self, dtype):
+        """(W_UK^T [H, Dl, nope], W_UV [H, v, Dl]): kv_b_proj's two halves, each head's matrix in
+        the [out, in] layout of ops.head_linear."""
         if self._absorbed is None or self._absorbed[0].dtype != dtype:
             c, H = self.cfg, self.num_heads
             w = self.kv_b_proj.dense_weight(dtype).view(H, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
-            self._absorbed = (w[:, : c.qk_nope_head_dim].contiguous(), w[:, c.qk_nope_head_dim:].contiguous())
+            self._absorbed = (w[:, : c.qk_nope_head_dim].transpose(1, 2).contiguous(),
+                              w[:, c.qk_nope_head_dim:].contiguous())
         return self._absorbed
 
     def _absorbed_attention(self, q_nope, q_pe, meta, kv_cache):
         """Fold W_UK into the query and W_UV into the output: attention runs in latent space."""
-        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)            # [T, H, Dl]
-        o_lat = ops.mla_decode(torch.cat([q_lat, q_pe], dim=-1), kv_cache, meta.block_tables,
-                               meta.seq_lens, meta.query_start_loc, self.scale, self.cfg.kv_lora_rank,
-                               backend=self.backend, cache=meta.cache)
-        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # [T, H, v]
+        w_ukt, w_uv = self.absorbed_weights(q_nope.dtype)
+        Dl = self.cfg.kv_lora_rank
+        q = q_nope.new_empty(q_nope.shape[0], self.num_heads, Dl + q_pe.shape[-1])   # [T, H, Dl + Dr]
+        ops.head_linear(q_nope, w_ukt, out=q[..., :Dl])           # q_lat = q_nope W_UK, per head
+        q[..., Dl:] = q_pe
+        o_lat = ops.mla_decode(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                               self.scale, Dl, backend=self.backend, cache=meta.cache)   # [T, H, Dl]
+        return ops.head_linear(o_lat, w_uv)                       # [T, H, v]
 
 
 class MLP(nn.Module):

@@ -1,9 +1,9 @@
 """The CPU path's C kernels (kernels/cpu_native.c) against torch: the small-row GEMM over every
 remainder of its 3-row x 4-column blocking, of its 8-wide inner loop and of its chunks of rows,
 split over one and two threads (the routed-expert loop is tested with the MoE's other paths in
-test_kernels_moe.py); the RMSNorm of a decode step's rows; the MLA decode over a paged cache; the
-thread pool in a forked child and under concurrent callers; and the fallback when there is no
-compiler."""
+test_kernels_moe.py); the RMSNorm of a decode step's rows; the per-head GEMM; the MLA decode over
+a paged cache; the thread pool in a forked child and under concurrent callers; and the fallback
+when there is no compiler."""
 import warnings
 
 import pytest
@@ -76,6 +76,24 @@ def test_rms_norm_uses_c_only_where_it_applies(monkeypatch):
     rmsnorm_torch(torch.randn(2, 5, 32), w, 1e-6)                  # not 2-D: torch's
     rmsnorm_torch(torch.randn(32, 5).t(), w, 1e-6)                 # not contiguous: torch's
     assert calls == [5, cpu_native.MAX_ROWS]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T,H,K,N", [(1, 8, 64, 512), (5, 3, 13, 7), (64, 2, 512, 64), (0, 4, 8, 8)])
+def test_head_linear_matches_fp64_on_views(T, H, K, N, threads):
+    """x and out as views of wider rows (the query's nope part, the latent part of the attention's
+    input), as MLA's absorbed path passes them."""
+    g = torch.Generator().manual_seed(T * 1000 + H * 100 + K)
+    x = torch.randn(T, H, K + 5, generator=g)[..., 2:K + 2]
+    w = torch.randn(H, N, K, generator=g)
+    buf = torch.full((T, H, N + 3), float("nan"))
+    with torch_threads(threads):
+        assert cpu_native.heads_usable(x, w, buf[..., :N])
+        ops.head_linear(x, w, out=buf[..., :N])
+    ref = torch.einsum("thk,hnk->thn", x.double(), w.double()).float()
+    torch.testing.assert_close(buf[..., :N], ref, atol=1e-5 * K ** 0.5, rtol=1e-5)
+    assert buf[..., N:].isnan().all()                              # nothing written past the view
+    torch.testing.assert_close(ops.head_linear(x.double(), w.double()).float(), ref)   # torch's path
 
 
 def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
